@@ -1,0 +1,74 @@
+"""The transport seam: gRPC and MQTT look the same to the agent.
+
+A transport takes already-serialized ``edgeloop.v1.FrameUpload`` payloads straight from the
+outbox (so what leaves the device is byte-identical to what was stored) and returns the
+receiver's acknowledgements. Only an acknowledgement from the receiver itself counts: an MQTT
+broker's PUBACK means the broker holds the message, not that it is stored for good.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+
+from edgeloop.config_base import StrictModel
+from edgeloop.domain import Ack
+from edgeloop.v1 import frames_pb2
+
+
+class TransportError(Exception):
+    """The receiver could not be reached or the exchange broke off; the frames stay in the outbox."""
+
+
+class TLSConfig(StrictModel):
+    """TLS for a transport. With only ``ca_file`` the server is verified; add ``cert_file`` and
+    ``key_file`` for mutual TLS (the server then knows the device by its certificate)."""
+
+    ca_file: Path = Field(description="PEM bundle of the CA(s) that signed the server's certificate.")
+    cert_file: Path | None = Field(default=None, description="This device's client certificate (PEM).")
+    key_file: Path | None = Field(default=None, description="The private key of cert_file (PEM).")
+    server_name: str | None = Field(
+        default=None, description="Expected name in the server certificate when it differs from the host."
+    )
+
+
+class Transport(abc.ABC):
+    """Sends frames and heartbeats to the receiver."""
+
+    key: ClassVar[str]
+
+    @abc.abstractmethod
+    def send(self, payloads: Sequence[tuple[str, bytes]]) -> list[Ack]:
+        """Send ``(frame_id, serialized FrameUpload)`` pairs; return the acks that came back in time.
+
+        Frames without an ack in the returned list are simply still pending: the caller keeps
+        them and sends them again later (receivers are idempotent by frame id).
+
+        Raises:
+            TransportError: the receiver is unreachable or the exchange failed part-way.
+        """
+
+    def heartbeat(self, status: frames_pb2.DeviceStatus) -> None:  # noqa: B027 - optional
+        """Report the device's status; best effort (a failure raises TransportError)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Close connections."""
+
+
+_REGISTRY: dict[str, tuple[type[StrictModel], Callable[..., Transport]]] = {}
+
+
+def register(key: str, config_cls: type[StrictModel], factory: Callable[..., Transport]) -> None:
+    """Register a transport under ``key`` (the value of its config's ``type`` field)."""
+    _REGISTRY[key] = (config_cls, factory)
+
+
+def create_transport(config: StrictModel, device_id: str) -> Transport:
+    key = getattr(config, "type", None)
+    if key not in _REGISTRY:
+        raise TransportError(f"unknown transport type {key!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[key][1](config, device_id)

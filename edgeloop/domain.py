@@ -1,0 +1,112 @@
+"""Domain types shared by the edge agent and the server.
+
+Plain dataclasses over numpy, free of protobuf: business code works with these and converts
+at the wire in exactly one place (``edgeloop.convert``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """One detected object.
+
+    Attributes:
+        box: ``(x1, y1, x2, y2)`` in pixels of the frame the detector saw.
+        class_id: Index into the model's class names.
+        class_name: Human-readable class name.
+        confidence: Top-class score in [0, 1].
+        class_scores: The full per-class score vector (length = number of classes), or ``None``
+            when the backend does not expose it.
+    """
+
+    box: tuple[float, float, float, float]
+    class_id: int
+    class_name: str
+    confidence: float
+    class_scores: np.ndarray | None = None
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a frame was kept: the trigger that fired, its score in [0, 1] and a readable detail."""
+
+    trigger: str
+    score: float
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Frame:
+    """A decoded frame as a source produced it (BGR ``uint8``, OpenCV's layout)."""
+
+    image: np.ndarray
+    source_id: str
+    index: int
+    capture_time: float  # seconds since the epoch
+    name: str = ""  # file name or stream position, for logs and the dry-run output
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+
+@dataclass(slots=True)
+class FrameRecord:
+    """A kept frame on its way to the server: what the outbox stores and the transports send.
+
+    ``image`` holds the encoded bytes; boxes in ``detections`` are in pixels of that encoded image
+    (the agent rescales them when it shrinks a frame to its upload size).
+    """
+
+    frame_id: str
+    device_id: str
+    capture_time: float
+    sequence: int
+    model_version: str
+    image: bytes
+    media_type: str
+    width: int
+    height: int
+    detections: list[Detection] = field(default_factory=list)
+    uncertainty: float = 0.0
+    reasons: list[Reason] = field(default_factory=list)
+    source_id: str = ""
+    class_names: list[str] = field(default_factory=list)
+
+
+class AckStatus:
+    """The receiver's verdict on one frame (mirrors ``edgeloop.v1.AckStatus``)."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+    RETRY = "retry"
+
+    #: Verdicts after which the agent may forget the frame.
+    FINAL = frozenset({STORED, DUPLICATE})
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    frame_id: str
+    status: str
+    message: str = ""
+
+    @property
+    def durable(self) -> bool:
+        """True when the frame is stored for good at the receiver (stored now or before)."""
+        return self.status in AckStatus.FINAL
