@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from edgeloop.domain import Ack, AckStatus, Detection, FrameRecord, Reason
+from edgeloop.domain import Ack, AckStatus, Detection, DeviceStatus, FrameRecord, Reason
 from edgeloop.v1 import frames_pb2 as pb
 
 _ACK_TO_PB = {
@@ -111,3 +111,31 @@ def ack_to_pb(ack: Ack) -> pb.FrameAck:
 
 def ack_from_pb(msg: pb.FrameAck) -> Ack:
     return Ack(frame_id=msg.frame_id, status=_ACK_FROM_PB.get(msg.status, AckStatus.RETRY), message=msg.message)
+
+
+def device_status_to_pb(status: DeviceStatus) -> pb.DeviceStatus:
+    return pb.DeviceStatus(
+        device_id=status.device_id,
+        time=timestamp_from_seconds(status.time),
+        model_version=status.model_version,
+        outbox_depth=status.outbox_depth,
+        outbox_bytes=status.outbox_bytes,
+        counters=status.counters,
+        last_error=status.last_error,
+        agent_version=status.agent_version,
+        channel=status.channel,
+    )
+
+
+def device_status_from_pb(msg: pb.DeviceStatus) -> DeviceStatus:
+    return DeviceStatus(
+        device_id=msg.device_id,
+        time=seconds_from_timestamp(msg.time),
+        model_version=msg.model_version,
+        outbox_depth=msg.outbox_depth,
+        outbox_bytes=msg.outbox_bytes,
+        counters=dict(msg.counters),
+        last_error=msg.last_error,
+        agent_version=msg.agent_version,
+        channel=msg.channel,
+    )

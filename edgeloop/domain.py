@@ -110,3 +110,18 @@ class Ack:
     def durable(self) -> bool:
         """True when the frame is stored for good at the receiver (stored now or before)."""
         return self.status in AckStatus.FINAL
+
+
+@dataclass(slots=True)
+class DeviceStatus:
+    """What a device reports in its heartbeat."""
+
+    device_id: str
+    time: float
+    model_version: str
+    outbox_depth: int
+    outbox_bytes: int
+    counters: dict[str, int] = field(default_factory=dict)
+    last_error: str = ""
+    agent_version: str = ""
+    channel: str = ""

@@ -1,0 +1,42 @@
+"""The ``edgeloop`` command line. Subcommands live beside the code they drive and are imported
+lazily, so ``edgeloop agent --help`` on a device never imports the server's dependencies."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+app = typer.Typer(
+    name="edgeloop",
+    help="Edge-to-cloud active learning for object detection.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register() -> None:
+    from edge_agent.cli import app as agent_app
+    from edgeloop.synth.cli import synth_command
+
+    app.add_typer(agent_app, name="agent", help="Run the edge agent or dry-run its uncertainty scoring.")
+    app.command("synth", help="Write a synthetic YOLO dataset (and optionally a video) of a scenario.")(synth_command)
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

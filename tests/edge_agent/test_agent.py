@@ -1,0 +1,381 @@
+"""The agent as a whole, against real receivers: a real gRPC server and a real Mosquitto broker
+on loopback, the real ONNX Runtime detector on COCO images, the real outbox on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from edge_agent.app import Agent
+from edge_agent.budget import UploadBudget
+from edge_agent.config import AgentConfig, load_agent_config
+from edge_agent.metrics import AgentMetrics
+from edge_agent.outbox import Outbox
+from edge_agent.transports import create_transport
+from edge_agent.triggers import UncertaintyScorer
+from edge_agent.uploader import UploadConfig, Uploader
+from edgeloop.convert import parse_frame, serialize_frame
+from edgeloop.domain import Frame, FrameRecord
+from tests.fakes.detectors import ScriptedDetector
+from tests.fakes.receivers import GrpcTestReceiver, MqttTestReceiver
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared"
+MODEL = SHARED / "models" / "yolov8n_int8.onnx"
+COCO_VAL = SHARED / "data" / "coco8" / "images" / "val"
+COCO_TRAIN = SHARED / "data" / "coco8" / "images" / "train"
+
+needs_shared = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} missing (../shared beside the checkout)")
+
+KEEP_ALL = {"random": {"enabled": True, "rate": 1.0}}  # every frame kept: deterministic counts
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(tmp_path: Path, transport: dict | None = None, **extra) -> AgentConfig:
+    data = {
+        "device_id": "cam-test",
+        "source": {"uri": str(COCO_TRAIN)},
+        "detector": {"type": "onnxruntime", "model": str(MODEL)},
+        "triggers": KEEP_ALL,
+        "budget": {"frames_per_minute": 1e6, "bytes_per_minute": 1e12, "dedup": {"enabled": False}},
+        "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
+        "upload": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "idle_poll_s": 0.02},
+        "metrics": {"enabled": False},
+        "transport": transport,
+        "seed": 0,
+    }
+    data.update(extra)
+    return AgentConfig.model_validate(data)
+
+
+def _grpc_transport(target: str) -> dict:
+    return {"type": "grpc", "target": target, "deadline_s": 5, "connect_timeout_s": 0.5}
+
+
+def _mqtt_transport(port: int) -> dict:
+    return {"type": "mqtt", "host": "127.0.0.1", "port": port, "connect_timeout_s": 1, "ack_timeout_s": 2}
+
+
+@needs_shared
+@pytest.mark.parametrize("kind", ["grpc", "mqtt"])
+def test_offline_frames_wait_on_disk_then_arrive_byte_identical(kind, tmp_path, mosquitto_factory):
+    """Receiver down: every kept frame waits in the outbox. Receiver back: every one arrives, with
+    the exact bytes the outbox holds, and leaves the outbox only after the receiver's ack."""
+    if kind == "grpc":
+        port = _free_port()
+        transport = _grpc_transport(f"127.0.0.1:{port}")
+        broker = None
+    else:
+        broker = mosquitto_factory()
+        transport = _mqtt_transport(broker.port)
+        broker.stop()  # the whole MQTT path is down
+    agent = Agent(_config(tmp_path, transport))
+    try:
+        counters = agent.run()
+        assert counters["frames_read"] == 4 and counters["frames_enqueued"] == 4
+        assert counters["frames_uploaded"] == 0 and counters["upload_errors"] >= 1
+        stored = {p.frame_id: p.payload for p in agent.outbox.peek(100)}
+        assert len(stored) == 4
+
+        if kind == "grpc":
+            receiver = GrpcTestReceiver(port=port).start()
+        else:
+            broker.start()
+            receiver = MqttTestReceiver("127.0.0.1", broker.port).start()
+        try:
+            assert agent.uploader.drain(timeout=30), "outbox did not drain after the receiver came back"
+            assert receiver.frames == stored  # byte-identical, each exactly once
+            assert agent.outbox.depth == 0
+        finally:
+            receiver.stop()
+    finally:
+        agent.close()
+    rec = parse_frame(next(iter(stored.values())))
+    assert rec.device_id == "cam-test" and rec.model_version and rec.class_names[0] == "person"
+    assert any(r.trigger == "random" for r in rec.reasons)
+    assert cv2.imdecode(np.frombuffer(rec.image, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (
+        rec.height,
+        rec.width,
+    )
+
+
+@needs_shared
+def test_mqtt_frames_stay_until_the_receiver_acks(tmp_path, mosquitto_broker):
+    """The broker's PUBACK is not enough: with the broker up but no receiver, frames stay in the
+    outbox; the receiver's persistent session then gets them and its acks empty the outbox."""
+    receiver = MqttTestReceiver("127.0.0.1", mosquitto_broker.port).start()
+    receiver.stop()  # subscribed once: the broker now queues for its persistent session
+    agent = Agent(_config(tmp_path, _mqtt_transport(mosquitto_broker.port)))
+    try:
+        agent.run()
+        assert agent.outbox.depth == 4
+        stored = {p.frame_id: p.payload for p in agent.outbox.peek(100)}
+        receiver.start()
+        try:
+            assert agent.uploader.drain(timeout=30)
+            assert receiver.frames == stored
+        finally:
+            receiver.stop()
+    finally:
+        agent.close()
+
+
+def _seed_outbox(outbox: Outbox, scores: list[float]) -> None:
+    for i, s in enumerate(scores):
+        rec = FrameRecord(
+            frame_id=f"frame-{i:02d}",
+            device_id="cam-test",
+            capture_time=1000.0 + i,
+            sequence=i,
+            model_version="v1",
+            image=b"\xff\xd8" + bytes(500),
+            media_type="image/jpeg",
+            width=64,
+            height=48,
+            uncertainty=s,
+        )
+        outbox.put(rec.frame_id, serialize_frame(rec), s)
+
+
+def test_budget_sends_highest_scores_first(tmp_path):
+    """Under a tight budget the most valuable frames go first, and no more than the budget."""
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    scores = [0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2]
+    with GrpcTestReceiver() as receiver, Outbox(_config(tmp_path).outbox) as outbox:
+        _seed_outbox(outbox, scores)
+        cfg = _config(tmp_path, budget={"frames_per_minute": 60, "bytes_per_minute": 1e9, "burst_s": 3})
+        transport = create_transport(_config(tmp_path, _grpc_transport(receiver.target)).transport, "cam-test")
+        up = Uploader(outbox, transport, UploadBudget(cfg.budget, clock), UploadConfig(), AgentMetrics())
+        up.step()
+        assert set(receiver.frames) == {"frame-01", "frame-05", "frame-03"}  # scores 0.9, 0.8, 0.7
+        assert up.step() > 0 and len(receiver.frames) == 3  # budget spent: it waits
+        clock.t += 2.0  # two more frames' worth
+        up.step()
+        assert set(receiver.frames) - {"frame-01", "frame-05", "frame-03"} == {"frame-02", "frame-04"}
+        transport.close()
+
+
+def _frames(images: list[np.ndarray]) -> list[Frame]:
+    return [Frame(image=im, source_id="cam", index=i, capture_time=1000.0 + i) for i, im in enumerate(images)]
+
+
+def test_eviction_and_dedup_as_configured(tmp_path):
+    rng = np.random.default_rng(0)
+    distinct = [rng.integers(0, 255, (120, 160, 3), dtype=np.uint8) for _ in range(8)]
+    cfg = _config(
+        tmp_path,
+        triggers={"random": {"enabled": False}},
+        outbox={"path": str(tmp_path / "ob.sqlite3"), "max_frames": 3},
+        budget={"dedup": {"enabled": True, "window_s": 60}},
+    )
+    agent = Agent(cfg, detector=ScriptedDetector())
+    try:
+        counters = agent.run(_frames(distinct))
+        assert counters["frames_kept"] == 8 and counters["frames_deduplicated"] == 0
+        assert counters["frames_evicted"] == 5 and agent.outbox.depth == 3
+        assert agent.outbox.counter("evicted") == 5
+        # the three survivors are the three highest-scoring of the eight frames
+        scorer = UncertaintyScorer(cfg.triggers, seed=0)
+        det = ScriptedDetector()
+        all_scores = [
+            scorer.score("cam", det.detect(im), 1000.0 + i, image_size=(160, 120)).score
+            for i, im in enumerate(distinct)
+        ]
+        kept_scores = sorted(p.score for p in agent.outbox.peek(10))
+        assert kept_scores == pytest.approx(sorted(all_scores)[-3:])
+    finally:
+        agent.close()
+
+    same = [distinct[0]] * 5
+    cfg2 = _config(
+        tmp_path,
+        triggers={"random": {"enabled": False}},
+        outbox={"path": str(tmp_path / "ob2.sqlite3")},
+        budget={"dedup": {"enabled": True, "window_s": 60}},
+    )
+    agent = Agent(cfg2, detector=ScriptedDetector(lambda i, im: ScriptedDetector.default_script(0, im)))
+    try:
+        counters = agent.run(_frames(same))
+        assert counters["frames_kept"] == 5
+        assert counters["frames_deduplicated"] == 4 and counters["frames_enqueued"] == 1
+    finally:
+        agent.close()
+
+
+def test_metrics_endpoint_reports_counters(tmp_path):
+    cfg = _config(tmp_path, metrics={"enabled": True, "host": "127.0.0.1", "port": 0})
+    agent = Agent(cfg, detector=ScriptedDetector())
+    try:
+        agent.run(_frames([np.zeros((64, 64, 3), np.uint8)] * 3))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics.server_port}/metrics", timeout=5).read()
+        text = body.decode()
+        assert re.search(r"^edgeloop_agent_frames_read_total 3\.0$", text, re.M)
+        assert re.search(r"^edgeloop_agent_frames_enqueued_total 3\.0$", text, re.M)
+        assert "edgeloop_agent_inference_seconds_count 3.0" in text
+        assert re.search(r"^edgeloop_agent_outbox_depth ", text, re.M)
+    finally:
+        agent.close()
+
+
+@needs_shared
+def test_score_cli_prints_json_per_image():
+    """Acceptance: `edgeloop agent score coco8/val --model yolov8n_int8.onnx --json`."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeloop.cli",
+            "agent",
+            "score",
+            str(COCO_VAL),
+            "--model",
+            str(MODEL),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["frame"] for r in rows] == sorted(p.name for p in COCO_VAL.iterdir())
+    names = {d["class"] for r in rows for d in r["detections"]}
+    assert {"giraffe", "zebra"} <= names or {"person"} <= names
+    for r in rows:
+        assert set(r) >= {"detections", "score", "keep", "reasons"}
+        assert 0.0 <= r["score"] <= 1.0
+        for reason in r["reasons"]:
+            assert reason["trigger"] and isinstance(reason["detail"], str)
+    assert any(r["reasons"] for r in rows), "no trigger fired on any COCO image"
+
+
+def test_bad_config_gives_a_clear_cli_error(tmp_path):
+    bad = tmp_path / "edge.yaml"
+    bad.write_text(yaml.safe_dump({"device_id": "cam", "source": {"uri": "x"}, "detectr": {}}))
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeloop.cli", "agent", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert "detectr" in res.stderr and "config-schema" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_config_env_overrides_and_relative_paths(tmp_path):
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "device_id": "cam",
+                "source": {"uri": "frames"},
+                "detector": {"type": "onnxruntime", "model": "models/m.onnx"},
+                "outbox": {"path": "state/outbox.sqlite3"},
+            }
+        )
+    )
+    cfg = load_agent_config(
+        path,
+        env={"EDGELOOP_AGENT__DEVICE_ID": "cam-9", "EDGELOOP_AGENT__BUDGET__FRAMES_PER_MINUTE": "12"},
+    )
+    assert cfg.device_id == "cam-9" and cfg.budget.frames_per_minute == 12
+    assert cfg.detector.model == tmp_path / "models" / "m.onnx"
+    assert cfg.outbox.path == tmp_path / "state" / "outbox.sqlite3"
+
+
+ENQUEUED = re.compile(r"enqueued frame ([0-9a-f]{32})")
+
+
+@needs_shared
+@pytest.mark.slow
+def test_kill_9_mid_upload_loses_no_enqueued_frame(tmp_path):
+    """An agent process uploads to a slow receiver and is killed with SIGKILL mid-upload. A new
+    agent process on the same outbox delivers every frame the first one had enqueued."""
+    receiver = GrpcTestReceiver(delay_s=0.05).start()
+    cfg = {
+        "device_id": "cam-kill",
+        "source": {"uri": str(COCO_TRAIN), "loop": True},
+        "detector": {"type": "onnxruntime", "model": str(MODEL), "intra_op_threads": 1},
+        "triggers": KEEP_ALL,
+        "budget": {"dedup": {"enabled": False}, "frames_per_minute": 1e6, "bytes_per_minute": 1e12},
+        "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
+        "transport": _grpc_transport(receiver.target),
+        "upload": {"batch_size": 4},
+        "metrics": {"enabled": False},
+    }
+    cfg_path = tmp_path / "edge.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeloop.cli", "agent", "run", "--config", str(cfg_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    enqueued: list[str] = []
+    deadline = time.monotonic() + 120
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            m = ENQUEUED.search(line)
+            if m:
+                enqueued.append(m.group(1))
+            # kill once uploads are under way and frames are still queued behind them
+            if len(enqueued) >= 24 and receiver.frames or time.monotonic() > deadline:
+                break
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+    enqueued += ENQUEUED.findall(rest or "")
+    delivered_before = set(receiver.frames)
+    assert enqueued and delivered_before, "the kill came too early to test anything"
+    assert set(enqueued) - delivered_before, "nothing was left to deliver after the kill"
+
+    # A fresh agent on the same outbox: no new frames (limit 1 frame, random off), just drain.
+    cfg["source"] = {"uri": str(COCO_VAL), "limit": 1}
+    cfg["triggers"] = {
+        "random": {"enabled": False},
+        "confidence_band": {"enabled": False},
+        "margin": {"enabled": False},
+        "entropy": {"enabled": False},
+    }
+    cfg["drain_on_exit_s"] = 60
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    receiver.delay_s = 0.0
+    subprocess.run(
+        [sys.executable, "-m", "edgeloop.cli", "agent", "run", "--config", str(cfg_path)],
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
+    receiver.stop()
+    assert set(enqueued) <= set(receiver.frames), "frames that entered the outbox were lost"
+    with Outbox(AgentConfig.model_validate(cfg).outbox) as ob:
+        assert ob.depth == 0
