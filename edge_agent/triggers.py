@@ -149,9 +149,7 @@ class NoveltyConfig(StrictModel):
         le=1.0,
         description="Only detections at or above this can be novel (noise can't).",
     )
-    window_frames: int = Field(
-        default=30, ge=1, description="Compare with at most this many previous frames."
-    )
+    window_frames: int = Field(default=30, ge=1, description="Compare with at most this many previous frames.")
     window_s: float | None = Field(
         default=60.0,
         gt=0.0,
@@ -160,8 +158,7 @@ class NoveltyConfig(StrictModel):
     warmup_frames: int = Field(
         default=5,
         ge=1,
-        description="Stay silent until the window holds this many frames "
-        "(so a camera's first frame isn't all novel).",
+        description="Stay silent until the window holds this many frames (so a camera's first frame isn't all novel).",
     )
 
     @model_validator(mode="after")
@@ -212,12 +209,8 @@ class CountJumpConfig(StrictModel):
     min_confidence: float = Field(
         default=0.25, ge=0.0, le=1.0, description="Only detections at or above this are counted."
     )
-    window_frames: int = Field(
-        default=10, ge=1, description="The median is over at most this many previous frames."
-    )
-    min_history: int = Field(
-        default=3, ge=1, description="Stay silent until this many previous frames are known."
-    )
+    window_frames: int = Field(default=10, ge=1, description="The median is over at most this many previous frames.")
+    min_history: int = Field(default=3, ge=1, description="Stay silent until this many previous frames are known.")
 
     @model_validator(mode="after")
     def _history_fits(self) -> CountJumpConfig:
@@ -242,20 +235,14 @@ class TriggersConfig(StrictModel):
     confidence_band: ConfidenceBandConfig = Field(
         default_factory=ConfidenceBandConfig, description="Detections of middling confidence."
     )
-    margin: MarginConfig = Field(
-        default_factory=MarginConfig, description="Small top-1 / top-2 class-score margin."
-    )
+    margin: MarginConfig = Field(default_factory=MarginConfig, description="Small top-1 / top-2 class-score margin.")
     entropy: EntropyConfig = Field(default_factory=EntropyConfig, description="High class-score entropy.")
     novelty: NoveltyConfig = Field(default_factory=NoveltyConfig, description="Boxes unlike recent ones.")
-    flicker: FlickerConfig = Field(
-        default_factory=FlickerConfig, description="Objects appearing or vanishing."
-    )
+    flicker: FlickerConfig = Field(default_factory=FlickerConfig, description="Objects appearing or vanishing.")
     count_jump: CountJumpConfig = Field(
         default_factory=CountJumpConfig, description="Sudden change in the number of detections."
     )
-    random: RandomConfig = Field(
-        default_factory=RandomConfig, description="Random share kept for monitoring."
-    )
+    random: RandomConfig = Field(default_factory=RandomConfig, description="Random share kept for monitoring.")
     # Above 0 so that a trigger that barely fired (a confidence at the band's edge, a margin just
     # under its threshold) does not keep a frame on its own.
     min_score: float = Field(
@@ -481,9 +468,7 @@ def _novelty(cfg: NoveltyConfig, frame: _Snapshot, history: deque[_Snapshot]) ->
 
 def _touches_border(boxes: np.ndarray, size: tuple[int, int], px: float) -> np.ndarray:
     width, height = size
-    return (
-        (boxes[:, 0] <= px) | (boxes[:, 1] <= px) | (boxes[:, 2] >= width - px) | (boxes[:, 3] >= height - px)
-    )
+    return (boxes[:, 0] <= px) | (boxes[:, 1] <= px) | (boxes[:, 2] >= width - px) | (boxes[:, 3] >= height - px)
 
 
 def _match_one_to_one(iou: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:

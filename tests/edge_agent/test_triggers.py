@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from edge_agent.triggers import (
     Trigger,
@@ -77,7 +78,7 @@ def test_defaults_are_the_documented_production_values() -> None:
     assert all(getattr(cfg, name).enabled for name in ALL)
 
 
-def _all_fields(model: type[BaseModel]) -> list[tuple[str, object]]:
+def _all_fields(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
     out = []
     for name, info in model.model_fields.items():
         out.append((f"{model.__name__}.{name}", info))
@@ -90,7 +91,7 @@ def _all_fields(model: type[BaseModel]) -> list[tuple[str, object]]:
 def test_every_config_field_is_described() -> None:
     fields = _all_fields(TriggersConfig)
     assert len(fields) > 30
-    undescribed = [name for name, info in fields if not info.description]  # type: ignore[attr-defined]
+    undescribed = [name for name, info in fields if not info.description]
     assert undescribed == []
 
 
@@ -201,9 +202,7 @@ def test_entropy_boundary_is_strictly_above() -> None:
 
 def test_entropy_normalises_independent_sigmoid_scores() -> None:
     # Two sigmoids at 0.9 sum to 1.8; normalised they are a perfect two-way split: entropy 1.
-    v = UncertaintyScorer(only("entropy", min_entropy=0.99)).score(
-        "cam", [det(conf=0.9, scores=[0.9, 0.9])], 0.0
-    )
+    v = UncertaintyScorer(only("entropy", min_entropy=0.99)).score("cam", [det(conf=0.9, scores=[0.9, 0.9])], 0.0)
     r = reason(v, "entropy")
     assert r is not None and r.score == pytest.approx(1.0)
 
@@ -526,9 +525,7 @@ def test_score_stays_in_unit_interval_on_random_scenes() -> None:
             x, y = rng.uniform(0, 600, 2)
             cls = int(rng.integers(3))
             scores = rng.uniform(0, 1, 3)
-            dets.append(
-                det((x, y, x + rng.uniform(1, 80), y + rng.uniform(1, 80)), cls, float(scores.max()), scores)
-            )
+            dets.append(det((x, y, x + rng.uniform(1, 80), y + rng.uniform(1, 80)), cls, float(scores.max()), scores))
         v = scorer.score("cam", dets, i * 0.2, image_size=(640, 640))
         assert 0.0 <= v.score <= 1.0
         assert v.score == pytest.approx(combined_score(v.reasons))
@@ -547,9 +544,7 @@ def test_min_score_decides_keep_for_weak_evidence() -> None:
 
 
 def test_nothing_fired_is_not_kept_even_with_min_score_zero() -> None:
-    v = UncertaintyScorer(TriggersConfig(min_score=0.0, random={"enabled": False})).score(
-        "cam", [det(conf=0.95)], 0.0
-    )
+    v = UncertaintyScorer(TriggersConfig(min_score=0.0, random={"enabled": False})).score("cam", [det(conf=0.95)], 0.0)
     assert v == Verdict(keep=False, score=0.0, reasons=[])
 
 
