@@ -27,9 +27,7 @@ class OnnxRuntimeDetectorConfig(yolo.YoloThresholds):
     """Run an ONNX detect export with ONNX Runtime."""
 
     type: Literal["onnxruntime"] = Field(KEY, description="Selects this backend.")
-    model: Path = Field(
-        description="Path to an ultralytics YOLO detect export (.onnx, exported with nms=False)."
-    )
+    model: Path = Field(description="Path to an ultralytics YOLO detect export (.onnx, exported with nms=False).")
     intra_op_threads: int | None = Field(
         None,
         ge=1,
@@ -71,9 +69,7 @@ class OnnxRuntimeDetector(Detector):
         if missing := [p for p in config.providers if p not in available]:
             logger.warning("ONNX Runtime here lacks %s (available: %s)", missing, available)
         if not providers:
-            raise DetectorError(
-                f"none of the providers {config.providers} is available; this ORT has {available}"
-            )
+            raise DetectorError(f"none of the providers {config.providers} is available; this ORT has {available}")
 
         options = ort.SessionOptions()
         if config.intra_op_threads is not None:
@@ -87,9 +83,7 @@ class OnnxRuntimeDetector(Detector):
         self._metadata = yolo.parse_ultralytics_metadata(self._session.get_modelmeta().custom_metadata_map)
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
-            raise DetectorError(
-                f"{path} has {len(inputs)} inputs; a YOLO detect export has exactly one image input"
-            )
+            raise DetectorError(f"{path} has {len(inputs)} inputs; a YOLO detect export has exactly one image input")
         self._input_name = inputs[0].name
         self._output_name = outputs[0].name
         self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32

@@ -47,9 +47,7 @@ class TensorRTDetectorConfig(yolo.YoloThresholds):
     """Run an ONNX detect export through a TensorRT engine built and cached on this device."""
 
     type: Literal["tensorrt"] = Field(KEY, description="Selects this backend.")
-    model: Path = Field(
-        description="Path to the published ultralytics YOLO detect export (.onnx, float weights)."
-    )
+    model: Path = Field(description="Path to the published ultralytics YOLO detect export (.onnx, float weights).")
     fp16: bool = Field(
         True,
         description="Let TensorRT use fp16 kernels (about 2x faster on Jetson; scores shift ~1e-3).",
@@ -245,9 +243,7 @@ class TensorRTDetector(Detector):
         try:
             gpu_name, capability = self._cuda.device()
             cache_dir = config.cache_dir or path.parent / "trt_engines"
-            self.engine_path = cache_dir / engine_cache_key(
-                sha256, gpu_name, capability, trt.__version__, config.fp16
-            )
+            self.engine_path = cache_dir / engine_cache_key(sha256, gpu_name, capability, trt.__version__, config.fp16)
             self._trt_logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._trt_logger)  # must outlive the engine
             self._engine = self._load_or_build(trt)
@@ -287,9 +283,7 @@ class TensorRTDetector(Detector):
             _write_atomically(self.engine_path, blob)
         except OSError as err:
             # Serving beats caching: run the engine from memory and rebuild next start.
-            logger.warning(
-                "cannot cache the engine at %s (%s); it will be rebuilt next time", self.engine_path, err
-            )
+            logger.warning("cannot cache the engine at %s (%s); it will be rebuilt next time", self.engine_path, err)
         engine = self._runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise DetectorError(f"TensorRT could not load the engine it just built for {self.config.model}")
@@ -325,9 +319,7 @@ class TensorRTDetector(Detector):
             build_config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, build_config)
         if serialized is None:
-            raise DetectorError(
-                f"TensorRT failed to build an engine for {self.config.model} (see its log above)"
-            )
+            raise DetectorError(f"TensorRT failed to build an engine for {self.config.model} (see its log above)")
         return bytes(serialized)
 
     def _default_size(self) -> tuple[int, int]:
@@ -339,18 +331,14 @@ class TensorRTDetector(Detector):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if len(inputs) != 1 or not outputs:
-            raise DetectorError(
-                f"{self.config.model} has inputs {inputs}; a YOLO detect export has one image input"
-            )
+            raise DetectorError(f"{self.config.model} has inputs {inputs}; a YOLO detect export has one image input")
         self._input_name, self._output_name = inputs[0], outputs[0]
         in_shape = tuple(engine.get_tensor_shape(self._input_name))
         if any(d < 0 for d in in_shape):
             in_shape = (1, 3, *self._default_size())
             self._context.set_input_shape(self._input_name, in_shape)
         if len(in_shape) != 4 or in_shape[1] != 3:
-            raise DetectorError(
-                f"{self.config.model} has input shape {list(in_shape)}; expected (1, 3, h, w)"
-            )
+            raise DetectorError(f"{self.config.model} has input shape {list(in_shape)}; expected (1, 3, h, w)")
         self.input_size = (int(in_shape[2]), int(in_shape[3]))
         self._input_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._input_name)))
 
@@ -377,9 +365,7 @@ class TensorRTDetector(Detector):
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         """Copy in, run the engine, copy out; the returned array is reused by the next call."""
-        self._cuda.to_device(
-            self._device[self._input_name], np.ascontiguousarray(tensor, dtype=self._input_dtype)
-        )
+        self._cuda.to_device(self._device[self._input_name], np.ascontiguousarray(tensor, dtype=self._input_dtype))
         if not self._context.execute_async_v3(self._cuda.stream_handle):
             raise DetectorError("TensorRT failed to enqueue inference")
         output = self._host[self._output_name]

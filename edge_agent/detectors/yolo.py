@@ -113,11 +113,7 @@ def parse_ultralytics_metadata(meta: Mapping[str, str]) -> UltralyticsMetadata:
     raw_imgsz = literal("imgsz")
     if isinstance(raw_imgsz, int):
         imgsz = (raw_imgsz, raw_imgsz)
-    elif (
-        isinstance(raw_imgsz, list | tuple)
-        and len(raw_imgsz) == 2
-        and all(isinstance(v, int) for v in raw_imgsz)
-    ):
+    elif isinstance(raw_imgsz, list | tuple) and len(raw_imgsz) == 2 and all(isinstance(v, int) for v in raw_imgsz):
         imgsz = (int(raw_imgsz[0]), int(raw_imgsz[1]))
 
     stride = literal("stride")
@@ -231,13 +227,9 @@ def check_output_shape(shape: tuple[int | str | None, ...], metadata: Ultralytic
     if task and task != "detect":
         raise ValueError(f"{where} is a {task!r} export; only 'detect' models are supported")
     if metadata.end2end:
-        raise ValueError(
-            f"{where} is an end-to-end export (NMS inside, no class scores); export with end2end=False"
-        )
+        raise ValueError(f"{where} is an end-to-end export (NMS inside, no class scores); export with end2end=False")
     if len(shape) != 3 or not isinstance(shape[1], int) or shape[1] < 5:
-        raise ValueError(
-            f"{where} has output shape {list(shape)}; expected (1, 4 + classes, anchors) of a detect head"
-        )
+        raise ValueError(f"{where} has output shape {list(shape)}; expected (1, 4 + classes, anchors) of a detect head")
     num_classes = shape[1] - 4
     if metadata.names and len(metadata.names) != num_classes:
         raise ValueError(
@@ -247,9 +239,7 @@ def check_output_shape(shape: tuple[int | str | None, ...], metadata: Ultralytic
     return num_classes
 
 
-def letterbox(
-    image: np.ndarray, size: tuple[int, int], pad_value: int = PAD_VALUE
-) -> tuple[np.ndarray, LetterboxInfo]:
+def letterbox(image: np.ndarray, size: tuple[int, int], pad_value: int = PAD_VALUE) -> tuple[np.ndarray, LetterboxInfo]:
     """Resize ``image`` into ``size`` ``(height, width)`` keeping its aspect ratio, centred, padding the rest.
 
     Fixed-shape exports need exactly their input shape (a multiple of the stride), so the pad fills
@@ -314,9 +304,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.intp)
 
 
-def batched_nms(
-    boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou_threshold: float
-) -> np.ndarray:
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Per-class NMS in one pass: boxes of different classes never suppress each other.
 
     Shifting each class's boxes by ``class_id * CLASS_OFFSET`` puts classes in disjoint regions, the

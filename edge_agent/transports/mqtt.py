@@ -57,9 +57,7 @@ class MqttTransportConfig(StrictModel):
     port: int = Field(default=1883, ge=1, le=65535, description="The broker's port (8883 is usual with TLS).")
     username: str | None = Field(default=None, description="User name for the broker, if it requires one.")
     password: SecretStr | None = Field(default=None, description="Password for the broker (never logged).")
-    tls: TLSConfig | None = Field(
-        default=None, description="TLS settings; without them the connection is plaintext."
-    )
+    tls: TLSConfig | None = Field(default=None, description="TLS settings; without them the connection is plaintext.")
     client_id: str = Field(
         default="edgeloop-agent-{device_id}",
         min_length=1,
@@ -72,9 +70,7 @@ class MqttTransportConfig(StrictModel):
         default="mqttv5",
         description="MQTT protocol version; only v5 reports refused publishes (not authorized) in PUBACK.",
     )
-    keepalive_s: int = Field(
-        default=60, ge=5, description="MQTT keepalive: how fast a dead connection is noticed."
-    )
+    keepalive_s: int = Field(default=60, ge=5, description="MQTT keepalive: how fast a dead connection is noticed.")
     connect_timeout_s: float = Field(
         default=10.0, gt=0, description="How long a send waits for the broker connection (and subscription)."
     )
@@ -86,9 +82,7 @@ class MqttTransportConfig(StrictModel):
         ge=0,
         description="How long a send waits for the receiver's acks after the broker took the batch.",
     )
-    topic_prefix: str = Field(
-        default="edgeloop/v1", min_length=1, description="Prefix of every edgeloop topic."
-    )
+    topic_prefix: str = Field(default="edgeloop/v1", min_length=1, description="Prefix of every edgeloop topic.")
     session_expiry_s: int = Field(
         default=86_400,
         ge=0,
@@ -256,9 +250,7 @@ class MqttTransport(Transport):
                 if self._v5:
                     props = Properties(PacketTypes.CONNECT)
                     props.SessionExpiryInterval = cfg.session_expiry_s
-                    self._client.connect(
-                        cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
-                    )
+                    self._client.connect(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props)
                 else:
                     self._client.connect(cfg.host, cfg.port, cfg.keepalive_s)
             except (OSError, ValueError) as err:  # ssl.SSLError and socket.timeout are OSErrors
@@ -274,9 +266,7 @@ class MqttTransport(Transport):
                     raise TransportError(f"{where} {self._last_error}")
                 if remaining <= 0:
                     detail = f": {self._last_error}" if self._last_error else ""
-                    raise TransportError(
-                        f"not connected to {where} within {cfg.connect_timeout_s:g} s{detail}"
-                    )
+                    raise TransportError(f"not connected to {where} within {cfg.connect_timeout_s:g} s{detail}")
                 self._cond.wait(remaining)
 
     def _publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
@@ -316,9 +306,7 @@ class MqttTransport(Transport):
                 self._last_error = f"refused the connection: {reason_code}"
                 self._refused = True
                 self._cond.notify_all()
-            logger.warning(
-                "MQTT %s:%s refused the connection: %s", self.config.host, self.config.port, reason_code
-            )
+            logger.warning("MQTT %s:%s refused the connection: %s", self.config.host, self.config.port, reason_code)
             return
         # Subscribe on every connect: a resumed session already has the subscription (and
         # re-subscribing keeps its queue), an expired or new one needs it.
@@ -360,9 +348,7 @@ class MqttTransport(Transport):
             self._connected = self._ready = False
             self._cond.notify_all()
         if was_connected:
-            logger.warning(
-                "MQTT connection to %s:%s lost: %s", self.config.host, self.config.port, reason_code
-            )
+            logger.warning("MQTT connection to %s:%s lost: %s", self.config.host, self.config.port, reason_code)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         # Only refusals are kept (and popped by _wait_pubacks), so a PUBACK that arrives after

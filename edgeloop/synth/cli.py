@@ -27,13 +27,9 @@ def _parse_imgsz(text: str) -> tuple[int, int]:
 def synth_command(
     out: Annotated[Path, typer.Argument(help="Folder to write the data set to (created if missing).")],
     scenario: Annotated[str, typer.Option(help=f"Named scenario: {', '.join(scenario_names())}.")] = "shapes",
-    n: Annotated[
-        int, typer.Option("--n", "-n", min=1, help="Number of still images (and video frames).")
-    ] = 100,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of still images (and video frames).")] = 100,
     seed: Annotated[int, typer.Option(min=0, help="Random seed; the same seed writes the same bytes.")] = 0,
-    val_fraction: Annotated[
-        float, typer.Option(min=0.0, max=0.95, help="Share of the images in the val split.")
-    ] = 0.2,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of the images in the val split.")] = 0.2,
     video: Annotated[
         bool, typer.Option(help="Also write video.mp4: a moving camera-like sequence of n frames.")
     ] = False,
@@ -86,9 +82,7 @@ def synth_command(
     if info.get("video"):
         video_path = root / info["video"]
         note = " (this OpenCV cannot write mp4v: MJPG .avi instead)" if video_path.suffix == ".avi" else ""
-        typer.echo(
-            f"video: {video_path} ({n} frames at {fps:g} fps){note}, labels in {root / 'video_labels'}"
-        )
+        typer.echo(f"video: {video_path} ({n} frames at {fps:g} fps){note}, labels in {root / 'video_labels'}")
     typer.echo(f"data set: {data_yaml}")
 
 

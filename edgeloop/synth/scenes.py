@@ -104,8 +104,7 @@ class SceneParams(StrictModel):
     min_box_px: int = Field(4, ge=1, description="Boxes narrower or lower than this many pixels are dropped.")
     distractors: tuple[int, int] = Field(
         (0, 4),
-        description="Range of clutter items per image (lines, zigzags, dots, slim ellipses, arcs); "
-        "never labelled.",
+        description="Range of clutter items per image (lines, zigzags, dots, slim ellipses, arcs); never labelled.",
     )
     backgrounds: list[BackgroundStyle] = Field(
         default_factory=lambda: ["gradient", "noise"],
@@ -127,9 +126,7 @@ class SceneParams(StrictModel):
         (0.0, 360.0),
         description="Object hue range in degrees; may wrap past 360, e.g. (300, 420) for magenta to orange.",
     )
-    saturation_range: tuple[float, float] = Field(
-        (0.55, 1.0), description="Object color saturation range, 0-1."
-    )
+    saturation_range: tuple[float, float] = Field((0.55, 1.0), description="Object color saturation range, 0-1.")
     value_range: tuple[float, float] = Field((0.45, 1.0), description="Object color brightness range, 0-1.")
     brightness_gain: float = Field(
         1.0, ge=0.0, le=4.0, description="Lighting: every pixel is multiplied by this (below 1 is darker)."
@@ -487,9 +484,7 @@ def _draw_distractors(image: np.ndarray, rng: np.random.Generator, p: SceneParam
             rad = round(short * rng.uniform(0.05, 0.2))
             start = float(rng.uniform(0, 360))
             sweep = float(rng.uniform(40, 160))
-            cv2.ellipse(
-                image, (round(x), round(y)), (rad, rad), 0, start, start + sweep, color, thick, cv2.LINE_AA
-            )
+            cv2.ellipse(image, (round(x), round(y)), (rad, rad), 0, start, start + sweep, color, thick, cv2.LINE_AA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,9 +520,7 @@ def _box_of(mask: np.ndarray, r: _Raster) -> tuple[int, int, int, int] | None:
     return r.x0 + int(cols[0]), r.y0 + int(rows[0]), r.x0 + int(cols[-1]) + 1, r.y0 + int(rows[-1]) + 1
 
 
-def _labels(
-    objs: list[_Obj], rasters: list[_Raster | None], owner: np.ndarray, p: SceneParams
-) -> list[YoloLabel]:
+def _labels(objs: list[_Obj], rasters: list[_Raster | None], owner: np.ndarray, p: SceneParams) -> list[YoloLabel]:
     """Tight boxes of each object's visible pixels, dropping the tiny and the mostly hidden."""
     labels = []
     for i, (obj, r) in enumerate(zip(objs, rasters, strict=True)):
@@ -845,9 +838,7 @@ def write_dataset(
     out = Path(out_dir).expanduser().resolve()
     existing = [out / name for name in _OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
-        raise SynthError(
-            f"{out} already holds {', '.join(e.name for e in existing)}; pass overwrite to replace"
-        )
+        raise SynthError(f"{out} already holds {', '.join(e.name for e in existing)}; pass overwrite to replace")
     for path in existing:
         if path.is_dir():
             shutil.rmtree(path)

@@ -33,9 +33,7 @@ COCO8 = SHARED / "data" / "coco8" / "images"
 
 
 # Only a missing ../shared skips; a file missing inside it is a broken checkout and fails.
-needs_shared = pytest.mark.skipif(
-    not SHARED.is_dir(), reason=f"{SHARED} (shared real models and data) not found"
-)
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} (shared real models and data) not found")
 
 
 def _coco8(split: str) -> list[Path]:
@@ -67,12 +65,7 @@ def _iou(a, b) -> float:
 def _pair(ours: list[Detection], ref: list[tuple[tuple[float, ...], int, float]]):
     """Greedy pairs (our detection, reference row) by IoU within the same class, best IoU first."""
     candidates = sorted(
-        (
-            (_iou(d.box, r[0]), i, j)
-            for i, d in enumerate(ours)
-            for j, r in enumerate(ref)
-            if d.class_id == r[1]
-        ),
+        ((_iou(d.box, r[0]), i, j) for i, d in enumerate(ours) for j, r in enumerate(ref) if d.class_id == r[1]),
         reverse=True,
     )
     used_i, used_j, pairs = set(), set(), []
@@ -156,17 +149,15 @@ def test_ort_finds_named_objects_on_coco8_val(ort_coco_detector: OnnxRuntimeDete
 @pytest.mark.parametrize("conf,iou", [(0.2, 0.7), (0.05, 0.45)])
 @pytest.mark.parametrize("image_path", _coco8_params())
 @needs_shared
-def test_ort_matches_ultralytics_predictions(
-    coco_int8_onnx, ultralytics_int8_reference, image_path, conf, iou
-):
+def test_ort_matches_ultralytics_predictions(coco_int8_onnx, ultralytics_int8_reference, image_path, conf, iou):
     """Acceptance: the raw ORT backend gives what ``YOLO(onnx).predict`` gives, box for box."""
     image = _imread(image_path)
     config = OnnxRuntimeDetectorConfig(model=coco_int8_onnx, conf_threshold=conf, iou_threshold=iou)
     with create_detector(config) as det:
         ours = det.detect(image)
-    boxes = ultralytics_int8_reference.predict(
-        image, conf=conf, iou=iou, imgsz=640, device="cpu", verbose=False
-    )[0].boxes
+    boxes = ultralytics_int8_reference.predict(image, conf=conf, iou=iou, imgsz=640, device="cpu", verbose=False)[
+        0
+    ].boxes
     ref = [
         (tuple(map(float, b)), int(c), float(s))
         for b, c, s in zip(boxes.xyxy.numpy(), boxes.cls.numpy(), boxes.conf.numpy(), strict=True)
@@ -198,9 +189,7 @@ def test_ort_stages_compose_to_detect(ort_coco_detector: OnnxRuntimeDetector):
 
 
 def test_nms_suppresses_same_class_overlaps_but_keeps_other_classes():
-    boxes = np.array(
-        [[0, 0, 100, 100], [5, 5, 105, 105], [0, 0, 100, 100], [300, 300, 350, 350]], dtype=np.float32
-    )
+    boxes = np.array([[0, 0, 100, 100], [5, 5, 105, 105], [0, 0, 100, 100], [300, 300, 350, 350]], dtype=np.float32)
     scores = np.array([0.9, 0.8, 0.7, 0.6], dtype=np.float32)
     # Same class everywhere: box 1 (IoU 0.82) and box 2 (IoU 1.0) go, the far box stays.
     assert yolo.nms(boxes, scores, 0.5).tolist() == [0, 3]
@@ -269,9 +258,7 @@ def test_decode_maps_boxes_back_to_non_square_images():
         _synthetic_output(rows, 3), info, names, yolo.YoloThresholds(conf_threshold=0.2, max_detections=1)
     )
     assert [d.class_name for d in capped] == ["b"]
-    assert (
-        yolo.decode(_synthetic_output(rows, 3), info, names, yolo.YoloThresholds(conf_threshold=0.95)) == []
-    )
+    assert yolo.decode(_synthetic_output(rows, 3), info, names, yolo.YoloThresholds(conf_threshold=0.95)) == []
 
 
 def test_decode_applies_nms_per_class():
@@ -334,12 +321,8 @@ def test_detector_config_is_discriminated_by_type():
     assert isinstance(ort_cfg, OnnxRuntimeDetectorConfig)
     assert (ort_cfg.conf_threshold, ort_cfg.iou_threshold, ort_cfg.max_detections) == (0.2, 0.7, 300)
     assert ort_cfg.providers == ["CPUExecutionProvider"] and ort_cfg.intra_op_threads is None
-    assert isinstance(
-        adapter.validate_python({"type": "tensorrt", "model": "m.onnx"}), TensorRTDetectorConfig
-    )
-    assert isinstance(
-        adapter.validate_python({"type": "ultralytics", "model": "m.pt"}), UltralyticsDetectorConfig
-    )
+    assert isinstance(adapter.validate_python({"type": "tensorrt", "model": "m.onnx"}), TensorRTDetectorConfig)
+    assert isinstance(adapter.validate_python({"type": "ultralytics", "model": "m.pt"}), UltralyticsDetectorConfig)
     with pytest.raises(ValidationError):
         adapter.validate_python({"type": "onnxruntime", "model": "m.onnx", "conf_treshold": 0.3})  # typo
     with pytest.raises(ValidationError):

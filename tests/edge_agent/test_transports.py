@@ -65,9 +65,7 @@ def by_id(acks: Sequence[Ack]) -> dict[str, str]:
     return {a.frame_id: a.status for a in acks}
 
 
-def send_until_acked(
-    transport: Transport, payloads: Sequence[tuple[str, bytes]], timeout: float
-) -> dict[str, str]:
+def send_until_acked(transport: Transport, payloads: Sequence[tuple[str, bytes]], timeout: float) -> dict[str, str]:
     """Send like the uploader does: retry pending frames until each has a durable ack."""
     pending = dict(payloads)
     got: dict[str, str] = {}
@@ -135,9 +133,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
             make,
             down=receiver.stop,
             up=receiver.start,
-            unreachable_config=lambda: GrpcTransportConfig(
-                target=f"127.0.0.1:{_closed_port()}", connect_timeout_s=1.0
-            ),
+            unreachable_config=lambda: GrpcTransportConfig(target=f"127.0.0.1:{_closed_port()}", connect_timeout_s=1.0),
         )
         receiver.stop()
     else:
@@ -249,9 +245,7 @@ def test_down_then_back_the_same_frames_go_through(backend: Backend) -> None:
 
 def test_heartbeat_reaches_the_receiver(backend: Backend) -> None:
     transport = backend.make()
-    status = frames_pb2.DeviceStatus(
-        device_id=DEVICE, model_version="m1", outbox_depth=3, counters={"kept": 7}
-    )
+    status = frames_pb2.DeviceStatus(device_id=DEVICE, model_version="m1", outbox_depth=3, counters={"kept": 7})
 
     transport.heartbeat(status)
 
@@ -360,9 +354,7 @@ def test_grpc_peer_that_never_answers_fails_after_the_connect_timeout() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         target = f"127.0.0.1:{silent.getsockname()[1]}"
-        transport = GrpcTransport(
-            GrpcTransportConfig(target=target, connect_timeout_s=1.0, deadline_s=30.0), DEVICE
-        )
+        transport = GrpcTransport(GrpcTransportConfig(target=target, connect_timeout_s=1.0, deadline_s=30.0), DEVICE)
         try:
             started = time.monotonic()
             with pytest.raises(TransportError):
@@ -433,9 +425,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -457,9 +447,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         return write(stem, cert, key)
@@ -533,9 +521,7 @@ def test_grpc_missing_tls_file_is_a_transport_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["mqttv5", "mqttv311"])
-def test_mqtt_acks_published_while_the_agent_is_offline_arrive_after_reconnect(
-    mosquitto_factory, protocol
-) -> None:
+def test_mqtt_acks_published_while_the_agent_is_offline_arrive_after_reconnect(mosquitto_factory, protocol) -> None:
     broker = mosquitto_factory()
     receiver = MqttTestReceiver(broker.host, broker.port).start()
     settings = {**_mqtt_test_settings(broker.port, protocol), "ack_timeout_s": 0.5}
@@ -648,9 +634,7 @@ def test_mqtt_tls(mosquitto_factory, pki: Pki) -> None:
             agent.close()
 
     try:
-        assert [a.status for a in send(TLSConfig(ca_file=pki.ca, server_name="receiver.test"))] == [
-            AckStatus.STORED
-        ]
+        assert [a.status for a in send(TLSConfig(ca_file=pki.ca, server_name="receiver.test"))] == [AckStatus.STORED]
         with pytest.raises(TransportError, match="(?i)certificate"):
             send(TLSConfig(ca_file=pki.ca))  # not valid for 127.0.0.1
         with pytest.raises(TransportError, match="(?i)certificate"):

@@ -24,9 +24,7 @@ class ScriptedDetector(Detector):
     @staticmethod
     def default_script(i: int, image: np.ndarray) -> list[Detection]:
         conf = 0.26 + 0.03 * (i % 10)  # always inside the default confidence band [0.25, 0.6)
-        return [
-            Detection((10.0, 10.0, 60.0, 60.0), 0, "circle", conf, np.array([conf, 0.1, 0.05], np.float32))
-        ]
+        return [Detection((10.0, 10.0, 60.0, 60.0), 0, "circle", conf, np.array([conf, 0.1, 0.05], np.float32))]
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         out = self._script(self.calls, image)

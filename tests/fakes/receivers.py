@@ -132,9 +132,7 @@ class GrpcTestReceiver:
             return self
         self._stopping.clear()
         server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=self._max_workers, thread_name_prefix="grpc-test-receiver"
-            ),
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="grpc-test-receiver"),
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
