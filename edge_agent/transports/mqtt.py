@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 from pydantic import Field, SecretStr
 
 from edge_agent.transports.base import TLSConfig, Transport, TransportError, register
+from edgeloop import topics
 from edgeloop.config_base import StrictModel
 from edgeloop.convert import ack_from_pb
 from edgeloop.domain import Ack
@@ -146,9 +147,9 @@ class MqttTransport(Transport):
         self.config = config
         self.device_id = device_id
         prefix = config.topic_prefix.rstrip("/")
-        self.frames_topic = f"{prefix}/devices/{device_id}/frames"
-        self.status_topic = f"{prefix}/devices/{device_id}/status"
-        self.acks_topic = f"{prefix}/devices/{device_id}/acks"
+        self.frames_topic = topics.frames(prefix, device_id)
+        self.status_topic = topics.status(prefix, device_id)
+        self.acks_topic = topics.acks(prefix, device_id)
         self.client_id = config.client_id.replace("{device_id}", device_id)
 
         self._v5 = config.protocol == "mqttv5"

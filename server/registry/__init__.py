@@ -1,0 +1,1 @@
+"""The model registry: versions with lineage, signed artifacts, channels, pins and rollbacks."""
