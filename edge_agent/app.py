@@ -17,18 +17,23 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from edge_agent.budget import NearDuplicateFilter, UploadBudget
 from edge_agent.config import AgentConfig
-from edge_agent.detectors import Detector, create_detector
+from edge_agent.detectors import Detector, DetectorError, create_detector
 from edge_agent.encoding import encode_frame
 from edge_agent.metrics import AgentMetrics
 from edge_agent.outbox import Outbox
 from edge_agent.sources import open_source
 from edge_agent.transports import Transport, create_transport
 from edge_agent.triggers import UncertaintyScorer, Verdict
+from edge_agent.updater import Updater
 from edge_agent.uploader import Uploader
 from edgeloop import __version__
 from edgeloop.convert import device_status_to_pb, serialize_frame
@@ -84,6 +89,7 @@ def _prefetch(frames: Iterable[Frame], depth: int, stop: threading.Event) -> Ite
 class _Scored:
     frame: Frame
     detections: list[Detection]
+    model_version: str
 
 
 class Agent:
@@ -99,7 +105,10 @@ class Agent:
     ) -> None:
         self.config = config
         self.metrics = metrics or AgentMetrics()
-        self.detector = detector or create_detector(config.detector)
+        self.detector, self.model_version = self._initial_detector(detector)
+        # Held while a frame is detected, so a model swap happens between frames, never inside one.
+        self._detector_lock = threading.Lock()
+        self._recent: deque[np.ndarray] = deque(maxlen=config.update.smoke_frames)
         self.scorer = UncertaintyScorer(config.triggers, seed=config.seed)
         self.dedup = NearDuplicateFilter(config.budget.dedup)
         self.outbox = Outbox(config.outbox)
@@ -116,11 +125,44 @@ class Agent:
                 self.metrics,
                 heartbeat=self._send_heartbeat,
             )
+        self.updater: Updater | None = None
+        if config.update.enabled:
+            self.updater = Updater(config.update, config.device_id, self, self._build_detector)
         self._stop = threading.Event()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_size)
         self._seq_next = 0
         self._seq_end = 0
         self._worker_error: BaseException | None = None
+
+    # -- the model -------------------------------------------------------------------------
+    def _initial_detector(self, given: Detector | None) -> tuple[Detector, str]:
+        if given is not None:
+            return given, given.model_version
+        update = self.config.update
+        current = Updater.current_model(update.models_dir) if update.enabled else None
+        if current is not None:
+            version, artifact = current
+            try:
+                # The last model an update installed wins over the configured (factory) one.
+                return self._build_detector(artifact), version
+            except DetectorError as err:
+                logger.error("installed model %s does not load (%s); using the configured one", version, err)
+        detector = create_detector(self.config.detector)
+        return detector, detector.model_version
+
+    def _build_detector(self, model_path: Path) -> Detector:
+        return create_detector(self.config.detector.model_copy(update={"model": model_path}))
+
+    def swap_detector(self, detector: Detector, version: str) -> Detector:
+        """Make ``detector`` the running model from the next frame on; returns the previous one."""
+        with self._detector_lock:
+            old, self.detector = self.detector, detector
+            self.model_version = version
+        return old
+
+    def recent_frames(self) -> list[np.ndarray]:
+        """The last few frames seen (the smoke test of a new model runs on them)."""
+        return list(self._recent)
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -132,6 +174,8 @@ class Agent:
             self.metrics.serve(self.config.metrics)
         if self.uploader is not None:
             self.uploader.start()
+        if self.updater is not None:
+            self.updater.start()
         worker = threading.Thread(target=self._work, name="edgeloop-scorer", daemon=True)
         worker.start()
         source = frames if frames is not None else open_source(self.config.source)
@@ -142,14 +186,19 @@ class Agent:
                     break
                 self.metrics.inc("frames_read")
                 t0 = time.perf_counter()
-                detections = self.detector.detect(frame.image)
+                with self._detector_lock:
+                    detections = self.detector.detect(frame.image)
+                    version = self.model_version
                 self.metrics.inference_seconds.observe(time.perf_counter() - t0)
-                self._queue.put(_Scored(frame, detections))
+                self._recent.append(frame.image)
+                self._queue.put(_Scored(frame, detections, version))
                 self.metrics.frame_done()
         finally:
             reading_done.set()
             self._queue.put(_STOP)
             worker.join()
+            if self.updater is not None:
+                self.updater.stop()
             if self.uploader is not None:
                 if self.config.drain_on_exit_s and not self._stop.is_set():
                     self.uploader.stop()
@@ -163,6 +212,8 @@ class Agent:
         self.stop()
         if self.uploader is not None:
             self.uploader.stop()
+        if self.updater is not None:
+            self.updater.stop()
         if self.transport is not None:
             self.transport.close()
         self.detector.close()
@@ -177,7 +228,7 @@ class Agent:
                 return
             assert isinstance(item, _Scored)
             try:
-                self.process(item.frame, item.detections)
+                self.process(item.frame, item.detections, item.model_version)
             except BaseException as err:  # surfaced by run(); the loop must not hang the reader
                 logger.exception("scoring worker failed on frame %s", item.frame.name)
                 self._worker_error = err
@@ -192,7 +243,7 @@ class Agent:
             except queue.Empty:
                 time.sleep(0.01)
 
-    def process(self, frame: Frame, detections: list[Detection]) -> Verdict:
+    def process(self, frame: Frame, detections: list[Detection], model_version: str | None = None) -> Verdict:
         """Score one detected frame and, if it is worth it, store it in the outbox."""
         seq = self._next_sequence()
         verdict = self.scorer.score(
@@ -212,7 +263,7 @@ class Agent:
             device_id=self.config.device_id,
             capture_time=frame.capture_time,
             sequence=seq,
-            model_version=self.detector.model_version,
+            model_version=model_version or self.model_version,
             image=enc.data,
             media_type=enc.media_type,
             width=enc.width,
@@ -250,11 +301,13 @@ class Agent:
         return DeviceStatus(
             device_id=self.config.device_id,
             time=time.time(),
-            model_version=self.detector.model_version,
+            model_version=self.model_version,
             outbox_depth=self.outbox.depth,
             outbox_bytes=self.outbox.size_bytes,
             counters=self.metrics.snapshot(),
-            last_error=self.uploader.last_error if self.uploader else "",
+            last_error=(self.updater.last_error if self.updater else "")
+            or (self.uploader.last_error if self.uploader else ""),
+            channel=self.config.update.channel if self.updater else "",
             agent_version=__version__,
         )
 

@@ -21,6 +21,7 @@ from edge_agent.outbox import OutboxConfig
 from edge_agent.sources import SourceConfig
 from edge_agent.transports import TransportConfig
 from edge_agent.triggers import TriggersConfig
+from edge_agent.updater import UpdateConfig
 from edge_agent.uploader import UploadConfig
 from edgeloop.config_base import StrictModel, load_config
 
@@ -44,6 +45,7 @@ class AgentConfig(StrictModel):
     )
     upload: UploadConfig = Field(default_factory=UploadConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    update: UpdateConfig = Field(default_factory=UpdateConfig, description="Following model releases.")
     queue_size: int = Field(
         default=8, gt=0, description="Frames buffered between the detector and the scoring/encoding worker."
     )
