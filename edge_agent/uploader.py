@@ -74,6 +74,8 @@ class Uploader:
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
         self._thread: threading.Thread | None = None
         self._next_heartbeat = 0.0
+        # Shrinks while the receiver refuses a batch's bytes, to isolate the one bad frame.
+        self._batch_limit = config.batch_size
         self.last_error: str = ""
 
     def start(self) -> None:
@@ -108,7 +110,7 @@ class Uploader:
         """One upload round; returns how long to wait before the next."""
         self.maybe_heartbeat()
         self._publish_gauges()
-        pending = self.outbox.peek(self.config.batch_size)
+        pending = self.outbox.peek(self._batch_limit)
         if not pending:
             return self.config.idle_poll_s
         n = self.budget.admit([p.size for p in pending])
@@ -119,12 +121,15 @@ class Uploader:
             acks = self.transport.send([(p.frame_id, p.payload) for p in batch])
         except TransportError as err:
             self.metrics.inc("upload_errors")
+            if err.permanent:
+                return self._isolate(batch, err)
             self.outbox.mark_attempt([p.frame_id for p in batch])
             delay = self._backoff.next_delay()
             self.last_error = str(err)
             logger.warning("upload failed (%s); %d frame(s) stay in the outbox, retry in %.1fs", err, len(batch), delay)
             return delay
         self._backoff.reset()
+        self._batch_limit = min(self.config.batch_size, self._batch_limit * 2)
         durable = [a.frame_id for a in acks if a.durable]
         self.metrics.inc("frames_uploaded", self.outbox.ack(durable))
         for ack in acks:
@@ -135,6 +140,19 @@ class Uploader:
         if any(p.frame_id not in answered for p in batch) or any(a.status == AckStatus.RETRY for a in acks):
             # The receiver is alive but did not store everything: give it a moment.
             return self._backoff.next_delay()
+        return 0.0
+
+    def _isolate(self, batch: list, err: TransportError) -> float:
+        """The receiver refused the bytes of this batch: halve it until the bad frame stands alone,
+        then set that frame aside in the dead-letter table (it would block the queue forever)."""
+        if len(batch) > 1:
+            self._batch_limit = max(1, len(batch) // 2)
+            logger.warning("receiver refused a batch of %d (%s); retrying in halves", len(batch), err)
+            return 0.0
+        frame = batch[0]
+        if self.outbox.reject(frame.frame_id, f"refused by the receiver: {err}"):
+            self.metrics.inc("frames_rejected")
+        self._batch_limit = self.config.batch_size
         return 0.0
 
     def _publish_gauges(self) -> None:

@@ -21,7 +21,16 @@ from edgeloop.v1 import frames_pb2
 
 
 class TransportError(Exception):
-    """The receiver could not be reached or the exchange broke off; the frames stay in the outbox."""
+    """The receiver could not be reached or the exchange broke off; the frames stay in the outbox.
+
+    ``permanent`` is True when the receiver refused the bytes themselves (a frame it cannot parse
+    or too large for it): sending the same batch again would fail the same way, so the uploader
+    narrows the batch down to the offending frame and sets it aside instead of retrying forever.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class TLSConfig(StrictModel):

@@ -187,7 +187,7 @@ class GrpcTransport(Transport):
             call.cancel()
             where = f"gRPC upload to {self.config.target} failed after {time.monotonic() - started:.1f} s"
             if not acks:
-                raise TransportError(f"{where}: {_describe(err)}") from err
+                raise TransportError(f"{where}: {_describe(err)}", permanent=_is_permanent(err)) from err
             logger.warning(
                 "%s with %d of %d frames acknowledged; the rest stay pending: %s",
                 where,
@@ -207,6 +207,14 @@ class GrpcTransport(Transport):
 
     def close(self) -> None:
         self._channel.close()
+
+
+#: Statuses with which a receiver refuses what was sent, not the moment it was sent in.
+_PERMANENT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def _is_permanent(err: grpc.RpcError) -> bool:
+    return isinstance(err, grpc.Call) and err.code() in _PERMANENT
 
 
 def _describe(err: grpc.RpcError) -> str:

@@ -379,3 +379,35 @@ def test_kill_9_mid_upload_loses_no_enqueued_frame(tmp_path):
     assert set(enqueued) <= set(receiver.frames), "frames that entered the outbox were lost"
     with Outbox(AgentConfig.model_validate(cfg).outbox) as ob:
         assert ob.depth == 0
+
+
+def test_a_frame_the_receiver_cannot_take_is_isolated_and_set_aside(tmp_path):
+    """A frame larger than the receiver's message limit fails its whole batch with
+    RESOURCE_EXHAUSTED; the uploader halves the batch until that frame stands alone, moves it to
+    the dead-letter table, and every other frame still arrives."""
+    receiver = GrpcTestReceiver(max_message_bytes=64 * 1024).start()
+    try:
+        with Outbox(_config(tmp_path).outbox) as outbox:
+            _seed_outbox(outbox, [0.5] * 6)
+            big = FrameRecord(
+                frame_id="frame-big",
+                device_id="cam-test",
+                capture_time=1.0,
+                sequence=99,
+                model_version="v1",
+                image=b"\xff\xd8" + bytes(200_000),
+                media_type="image/jpeg",
+                width=64,
+                height=48,
+                uncertainty=0.9,
+            )
+            outbox.put(big.frame_id, serialize_frame(big), 0.9)  # highest score: first in every batch
+            transport = create_transport(_config(tmp_path, _grpc_transport(receiver.target)).transport, "cam-test")
+            cfg = _config(tmp_path)
+            up = Uploader(outbox, transport, UploadBudget(cfg.budget), UploadConfig(batch_size=8), AgentMetrics())
+            assert up.drain(timeout=20)
+            assert outbox.rejected_ids() == {"frame-big"}
+            assert set(receiver.frames) == {f"frame-{i:02d}" for i in range(6)}
+            transport.close()
+    finally:
+        receiver.stop()

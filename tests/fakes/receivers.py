@@ -104,8 +104,10 @@ class GrpcTestReceiver:
         store_dir: Path | None = None,
         tls: ServerTLS | None = None,
         max_workers: int = 8,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.port = port
+        self.max_message_bytes = max_message_bytes or MAX_MESSAGE_BYTES
         self.delay_s = delay_s
         self.tls = tls
         self.heartbeats: list[frames_pb2.DeviceStatus] = []
@@ -134,7 +136,7 @@ class GrpcTestReceiver:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="grpc-test-receiver"),
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
