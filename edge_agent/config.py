@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -62,16 +61,5 @@ def load_agent_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> AgentConfig:
     """Load and validate the agent's config; relative paths in it are taken from the file's folder."""
-    cfg = load_config(AgentConfig, path, env=env, env_prefix=ENV_PREFIX, overrides=overrides)
-    if path is not None:
-        _resolve_paths(cfg, Path(path).resolve().parent)
-    return cfg
+    return load_config(AgentConfig, path, env=env, env_prefix=ENV_PREFIX, overrides=overrides)
 
-
-def _resolve_paths(model: StrictModel, base: Path) -> None:
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, Path) and not value.is_absolute():
-            setattr(model, name, base / value)
-        elif isinstance(value, StrictModel):
-            _resolve_paths(value, base)

@@ -29,6 +29,14 @@ def _register() -> None:
 
     app.add_typer(agent_app, name="agent", help="Run the edge agent or dry-run its uncertainty scoring.")
     app.command("synth", help="Write a synthetic YOLO dataset (and optionally a video) of a scenario.")(synth_command)
+    try:  # the server's commands exist where the server extra is installed; a device has only the agent
+        from server.cli import app as server_app
+        from server.registry.cli import models_app
+    except ImportError as err:
+        logging.getLogger(__name__).debug("server commands unavailable: %s", err)
+        return
+    app.add_typer(server_app, name="server", help="Run the server; manage device credentials.")
+    app.add_typer(models_app, name="models", help="Publish, promote, pin and roll back model versions.")
 
 
 _register()

@@ -62,6 +62,8 @@ def load_config(
 ) -> M:
     """Load ``model`` from a YAML file, then environment overrides, then explicit ``overrides``.
 
+    Relative paths in the result are taken from the file's folder.
+
     Raises:
         ConfigError: the file is missing or not YAML, or the result does not validate. The
             message names the file and every invalid field.
@@ -83,7 +85,21 @@ def load_config(
     if overrides:
         data = {**data, **overrides}
     try:
-        return model.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as err:
         where = f" in {path}" if path is not None else ""
         raise ConfigError(f"invalid configuration{where}:\n{err}") from err
+    if path is not None:
+        resolve_relative_paths(config, Path(path).resolve().parent)
+    return config
+
+
+def resolve_relative_paths(model: BaseModel, base: Path) -> None:
+    """Make every relative ``Path`` field (recursively) relative to ``base``: paths in a config
+    file mean "next to this file", not "next to wherever the service was started"."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(model, name, base / value)
+        elif isinstance(value, BaseModel):
+            resolve_relative_paths(value, base)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from edgeloop.domain import Ack, AckStatus, Detection, DeviceStatus, FrameRecord, Reason
+from edgeloop.domain import Ack, AckStatus, Detection, DeviceStatus, FrameRecord, Reason, Release
 from edgeloop.v1 import frames_pb2 as pb
+from edgeloop.v1 import models_pb2
 
 _ACK_TO_PB = {
     AckStatus.STORED: pb.ACK_STATUS_STORED,
@@ -139,3 +140,53 @@ def device_status_from_pb(msg: pb.DeviceStatus) -> DeviceStatus:
         agent_version=msg.agent_version,
         channel=msg.channel,
     )
+
+
+def release_to_pb(release: Release) -> models_pb2.ModelRelease:
+    return models_pb2.ModelRelease(
+        version=release.version,
+        channel=release.channel,
+        created=timestamp_from_seconds(release.created),
+        artifact_size=release.artifact_size,
+        artifact_sha256=release.artifact_sha256,
+        signature=release.signature,
+        class_names=release.class_names,
+        imgsz=release.imgsz,
+        parent_version=release.parent_version,
+        dataset_version=release.dataset_version,
+        metrics=release.metrics,
+        artifact_uri=release.artifact_uri,
+    )
+
+
+def release_from_pb(msg: models_pb2.ModelRelease) -> Release:
+    return Release(
+        version=msg.version,
+        channel=msg.channel,
+        created=seconds_from_timestamp(msg.created),
+        artifact_size=msg.artifact_size,
+        artifact_sha256=msg.artifact_sha256,
+        signature=msg.signature,
+        class_names=list(msg.class_names),
+        imgsz=msg.imgsz,
+        parent_version=msg.parent_version,
+        dataset_version=msg.dataset_version,
+        metrics=dict(msg.metrics),
+        artifact_uri=msg.artifact_uri,
+    )
+
+
+def serialize_release(release: Release) -> bytes:
+    """The release's wire bytes (deterministic: the same release is announced byte-identically)."""
+    return release_to_pb(release).SerializeToString(deterministic=True)
+
+
+def parse_release(payload: bytes) -> models_pb2.ModelRelease:
+    """Parse an announced release; raises ``google.protobuf.message.DecodeError`` on malformed input.
+
+    Returns the protobuf message, not a :class:`Release`: signatures are verified on the message as
+    received (``edgeloop.releases.verify_release``), before anything is converted or acted upon.
+    """
+    msg = models_pb2.ModelRelease()
+    msg.ParseFromString(payload)
+    return msg

@@ -125,3 +125,27 @@ class DeviceStatus:
     last_error: str = ""
     agent_version: str = ""
     channel: str = ""
+
+
+@dataclass(slots=True)
+class Release:
+    """A model release as the fleet sees it (mirrors ``edgeloop.v1.ModelRelease``).
+
+    ``signature`` is Ed25519 over the fields listed in ``edgeloop.releases`` (channel excluded, so a
+    promotion keeps it valid). ``created`` is seconds since the epoch; the registry uses whole
+    seconds, which survive the trip through a protobuf ``Timestamp`` exactly and so keep the
+    signature verifiable after a round trip.
+    """
+
+    version: str
+    artifact_sha256: str
+    artifact_size: int
+    class_names: list[str]
+    imgsz: int
+    created: float
+    signature: bytes = b""
+    channel: str = ""
+    parent_version: str = ""
+    dataset_version: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifact_uri: str = ""

@@ -48,6 +48,11 @@ def channel_release(prefix: str, channel: str) -> str:
     return f"{_p(prefix)}/releases/channels/{channel}"
 
 
+def group_release(prefix: str, group: str, channel: str) -> str:
+    """Retained ModelRelease targeted at one device group on one channel; wins over the channel's own."""
+    return f"{_p(prefix)}/releases/groups/{group}/{channel}"
+
+
 def device_release(prefix: str, device_id: str) -> str:
     """Retained ModelRelease for one device (a pin or a device-targeted release); wins over its channel's."""
     return f"{_p(prefix)}/releases/devices/{device_id}"

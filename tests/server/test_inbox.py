@@ -1,0 +1,235 @@
+"""The FiftyOne inbox and the MongoDB behind it, on a real bundled mongod.
+
+The inbox writes sample documents itself (one ``insert_many``, for throughput); the guard test
+here holds its documents next to the ones FiftyOne's own ``add_samples`` writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pymongo
+import pytest
+
+from server.store.inbox import Inbox, InboxConfig
+from server.store.mongo import (
+    FiftyOneAlreadyConfigured,
+    MongoConfig,
+    MongoError,
+    MongoManager,
+    configure_fiftyone,
+    durable_uri,
+)
+from tests.server.test_validation import make_record
+
+
+def _stored(inbox: Inbox, records, tmp_path: Path):
+    return inbox.add_records([(r, tmp_path / f"{r.frame_id}.jpg") for r in records])
+
+
+def test_add_records_stores_samples_with_all_fields(inbox: Inbox, tmp_path: Path) -> None:
+    import fiftyone as fo
+
+    record = make_record()
+    path = tmp_path / "a.jpg"
+    stored, duplicates = inbox.add_records([(record, path)])
+    assert (stored, duplicates) == ([record.frame_id], [])
+    sample = inbox.sample_for(record.frame_id)
+    assert sample is not None
+    assert sample.filepath == str(path)
+    assert sample.device_id == "cam-01" and sample.source_id == "front" and sample.model_version == "yolov8n-3"
+    assert sample.sequence == 42
+    assert sample.uncertainty == pytest.approx(0.7)
+    assert sample.capture_time == datetime(2025, 11, 22, 8, 26, 40, 250000)  # UTC, millisecond precision
+    assert sample.ingested_at is not None
+    assert sorted(sample.tags) == ["confidence_band", "margin"]
+    assert [r["trigger"] for r in sample.reasons] == ["margin", "confidence_band"]
+    assert sample.reasons[0]["detail"] == "car vs dog 0.05"
+    assert isinstance(sample.metadata, fo.ImageMetadata)
+    assert (sample.metadata.width, sample.metadata.height) == (640, 480)
+    assert sample.metadata.size_bytes == len(record.image) and sample.metadata.mime_type == "image/jpeg"
+    dets = sample.predictions.detections
+    assert isinstance(sample.predictions, fo.Detections) and len(dets) == 5
+    first = record.detections[0]
+    x1, y1, x2, y2 = first.box
+    assert dets[0].bounding_box == pytest.approx([x1 / 640, y1 / 480, (x2 - x1) / 640, (y2 - y1) / 480])
+    assert dets[0].label == "person" and dets[0].class_id == 0
+    assert dets[0].confidence == pytest.approx(first.confidence)
+    assert dets[0].class_scores == pytest.approx([0.1, 0.2, 0.3])
+    assert inbox.count() == 1 == len(inbox.dataset)
+
+
+def test_documents_match_what_fiftyone_writes(inbox: Inbox, tmp_path: Path) -> None:
+    """Guard against FiftyOne changing its document layout under the inbox's direct inserts."""
+    import fiftyone as fo
+
+    record = make_record()
+    _stored(inbox, [record], tmp_path)
+    ours = inbox.dataset._sample_collection.find_one({"frame_id": record.frame_id})
+    theirs_sample = fo.Sample(
+        filepath=str(tmp_path / "x.jpg"),
+        frame_id="theirs-000001",
+        tags=["margin"],
+        metadata=fo.ImageMetadata(width=640, height=480, size_bytes=1, mime_type="image/jpeg"),
+        predictions=fo.Detections(
+            detections=[fo.Detection(label="car", bounding_box=[0.1, 0.1, 0.2, 0.2], confidence=0.5, class_id=1)]
+        ),
+    )
+    inbox.dataset.add_sample(theirs_sample, expand_schema=False)
+    theirs = inbox.dataset._sample_collection.find_one({"frame_id": "theirs-000001"})
+    fo_keys = {"_id", "_dataset_id", "_media_type", "_rand", "filepath", "tags", "metadata", "created_at"}
+    fo_keys |= {"last_modified_at"}
+    assert fo_keys <= set(ours) and fo_keys <= set(theirs)
+    for key in fo_keys:
+        assert type(ours[key]) is type(theirs[key]), key
+    assert ours["_dataset_id"] == theirs["_dataset_id"] and ours["_media_type"] == theirs["_media_type"]
+    assert 0.999 <= ours["_rand"] < 1.0 and 0.999 <= theirs["_rand"] < 1.0
+    assert set(ours["metadata"]) == set(theirs["metadata"])
+    ours_det, theirs_det = ours["predictions"]["detections"][0], theirs["predictions"]["detections"][0]
+    assert set(theirs_det) <= set(ours_det)
+    assert ours["predictions"]["_cls"] == theirs["predictions"]["_cls"] == "Detections"
+    # FiftyOne reads ours back as a sample, with every schema field typed as declared.
+    sample = inbox.dataset.one(fo.ViewField("frame_id") == record.frame_id)
+    assert sample.to_dict()["predictions"]["detections"][0]["label"] == "person"
+    assert inbox.dataset.count_sample_tags() == {"margin": 2, "confidence_band": 1}
+    assert inbox.dataset.bounds("uncertainty") == (pytest.approx(0.7), pytest.approx(0.7))
+
+
+def test_schema_index_and_persistence(inbox: Inbox) -> None:
+    import fiftyone as fo
+
+    dataset = inbox.dataset
+    assert dataset.persistent and dataset.media_type == "image"
+    schema = dataset.get_field_schema(flat=True)
+    assert isinstance(schema["capture_time"], fo.DateTimeField)
+    assert isinstance(schema["uncertainty"], fo.FloatField)
+    assert isinstance(schema["predictions.detections.class_scores"], fo.ListField)
+    index = dataset.get_index_information()["frame_id"]
+    assert index["unique"] and index["sparse"]
+    # A second Inbox on the same dataset (a restarted server) finds it as it is.
+    assert Inbox(InboxConfig(dataset=inbox.name)).dataset.get_field_schema().keys() == dataset.get_field_schema().keys()
+
+
+def test_writes_are_journaled(inbox: Inbox, fiftyone_env: str) -> None:
+    import fiftyone.core.odm as foo
+
+    assert "journal=true" in fiftyone_env
+    assert foo.get_db_conn().write_concern.document.get("j") is True
+    assert inbox.dataset._sample_collection.write_concern.document.get("j") is True
+
+
+def test_redelivered_and_repeated_ids_are_stored_once(inbox: Inbox, tmp_path: Path) -> None:
+    a, b, c = make_record(), make_record(), make_record()
+    assert _stored(inbox, [a, b], tmp_path) == ([a.frame_id, b.frame_id], [])
+    stored, duplicates = _stored(inbox, [b, c, c], tmp_path)
+    assert stored == [c.frame_id]
+    assert sorted(duplicates) == sorted([b.frame_id, c.frame_id])
+    assert inbox.count() == 3
+    assert inbox.existing_ids([a.frame_id, "nope-00000000"]) == {a.frame_id}
+    assert inbox.existing_ids([]) == set()
+
+
+def test_racing_writer_duplicate_is_reported_not_raised(
+    inbox: Inbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = make_record(), make_record()
+    _stored(inbox, [a], tmp_path)
+    # Another server process inserted `a` between our existence check and our insert.
+    monkeypatch.setattr(inbox, "existing_ids", lambda ids: set())
+    stored, duplicates = _stored(inbox, [a, b], tmp_path)
+    assert stored == [b.frame_id] and duplicates == [a.frame_id]
+    assert inbox.count() == 2
+
+
+def test_sample_for_unknown_id(inbox: Inbox) -> None:
+    assert inbox.sample_for("unknown-0000") is None
+
+
+# -- the database ---------------------------------------------------------------------------
+
+
+def test_durable_uri() -> None:
+    assert durable_uri("mongodb://h:1") == "mongodb://h:1/?journal=true"
+    assert durable_uri("mongodb://h:1/db") == "mongodb://h:1/db?journal=true"
+    assert durable_uri("mongodb://h/?replicaSet=rs", 500) == "mongodb://h/?replicaSet=rs&journal=true&serverSelectionTimeoutMS=500"
+    assert durable_uri("mongodb://h/?w=majority&journal=true") == "mongodb://h/?w=majority&journal=true"
+    for bad in ("mongodb://h/?journal=false", "mongodb://h/?w=0", "http://h/"):
+        with pytest.raises(MongoError):
+            durable_uri(bad)
+
+
+def test_external_uri_is_passed_through(tmp_path: Path) -> None:
+    manager = MongoManager(MongoConfig(uri="mongodb://db.example:27017/?replicaSet=rs0", db_dir=tmp_path))
+    assert manager.ensure_running() == "mongodb://db.example:27017/?replicaSet=rs0&journal=true&serverSelectionTimeoutMS=5000"
+    assert not manager.stop()
+
+
+def test_configure_fiftyone_refuses_another_database_once_imported(fiftyone_env: str, tmp_path: Path) -> None:
+    configure_fiftyone(fiftyone_env, tmp_path)  # same URI: fine
+    with pytest.raises(FiftyOneAlreadyConfigured, match="before anything imports fiftyone"):
+        configure_fiftyone("mongodb://127.0.0.1:1/?journal=true", tmp_path)
+
+
+def _ping(uri: str) -> dict:
+    client: pymongo.MongoClient = pymongo.MongoClient(uri, serverSelectionTimeoutMS=3000)
+    try:
+        return client.admin.command("ping")
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_bundled_mongod_is_reused_survives_its_own_kill_and_stops(tmp_path: Path) -> None:
+    config = MongoConfig(db_dir=tmp_path / "db", cache_size_gb=0.25, server_selection_timeout_ms=2000)
+    first = MongoManager(config)
+    try:
+        uri = first.ensure_running()
+        pid = first.running_pid()
+        assert pid and _ping(uri)["ok"] == 1
+        assert "127.0.0.1" in uri and "journal=true" in uri
+        # Its own session: a signal to the server's process group does not reach it.
+        assert os.getsid(pid) == pid != os.getsid(0)
+
+        # A restarted server (a new manager on the same directory) reuses the running mongod.
+        second = MongoManager(config)
+        assert second.ensure_running() == uri and second.running_pid() == pid
+
+        client: pymongo.MongoClient = pymongo.MongoClient(uri)
+        client.edgeloop_test.t.insert_one({"_id": 1, "v": "durable"})
+        client.close()
+
+        # kill -9 of the database: the next ensure_running starts a fresh one on the same port,
+        # which recovers from its journal.
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while second.running_pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        third = MongoManager(config)
+        assert third.ensure_running() == uri
+        assert third.running_pid() not in (None, pid)
+        client = pymongo.MongoClient(uri)
+        assert client.edgeloop_test.t.find_one({"_id": 1})["v"] == "durable"
+        client.close()
+
+        assert first.stop()
+        assert first.running_pid() is None and not first.stop()
+        with pytest.raises(pymongo.errors.PyMongoError):
+            _ping(uri.replace("serverSelectionTimeoutMS=2000", "serverSelectionTimeoutMS=300"))
+    finally:
+        MongoManager(config).stop()
+    # The first manager's own child: reaped, no zombie left behind.
+    if first._proc is not None:
+        assert first._proc.poll() is not None
+
+
+def test_mongod_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
+    fake = tmp_path / "mongod"
+    fake.write_text("#!/bin/sh\necho 'exception in initAndListen: simulated failure' >&2\nexit 100\n")
+    fake.chmod(0o755)
+    manager = MongoManager(MongoConfig(db_dir=tmp_path / "db", mongod_path=fake, start_timeout_s=5))
+    with pytest.raises(MongoError, match="(?s)exit code 100.*simulated failure"):
+        manager.ensure_running()

@@ -1,0 +1,141 @@
+"""The local media store: durable puts (fsync'd file and folder), sharded paths, safe frame ids."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from server.store import media as media_mod
+from server.store.media import InvalidFrameId, LocalMediaStore, MediaStore, extension_for
+
+
+def test_put_stores_bytes_at_a_sharded_path(tmp_path: Path) -> None:
+    store = LocalMediaStore(tmp_path / "media")
+    fid = uuid.uuid4().hex
+    path = store.put(fid, b"image bytes", "jpg")
+    assert path == store.path_for(fid, "jpg")
+    assert path.read_bytes() == b"image bytes"
+    rel = path.relative_to(store.root)
+    assert len(rel.parts) == 3 and rel.name == f"{fid}.jpg"
+    assert all(len(p) == 2 for p in rel.parts[:2])
+    assert store.exists(fid, "jpg") and not store.exists(fid, "png")
+    assert list((store.root / ".tmp").iterdir()) == []  # no temp file left behind
+
+
+def test_put_is_idempotent(tmp_path: Path) -> None:
+    store = LocalMediaStore(tmp_path)
+    fid = "frame-0001"
+    first = store.put(fid, b"same", "jpg")
+    second = store.put(fid, b"same", "jpg")
+    assert first == second and second.read_bytes() == b"same"
+
+
+def test_paths_spread_over_shards(tmp_path: Path) -> None:
+    store = LocalMediaStore(tmp_path)
+    # Sequential ids share their first characters; the shard comes from a hash, so they still spread.
+    shards = {store.path_for(f"cam1-{i:08d}", "jpg").parent for i in range(200)}
+    assert len(shards) > 150
+
+
+def test_put_fsyncs_file_and_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalMediaStore(tmp_path)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    path = store.put("abcdef0123456789", b"x" * 1000, "jpg")
+    # The temp file, the folder that receives the rename, and each newly created shard folder's parent.
+    assert any(p.endswith(".tmp") for p in synced)
+    assert str(path.parent) in synced
+    assert str(store.root) in synced and str(path.parent.parent) in synced
+    synced.clear()
+    store.put("abcdef0123456789", b"x" * 1000, "jpg")
+    assert len(synced) == 2  # folders exist now: file + folder
+
+
+@pytest.mark.parametrize(
+    "frame_id", ["../../etc/passwd", "..", "a/b/c/d/e/f", "", "short", "x" * 65, "abc def ghi", "frame\x00id12", "ü" * 10]
+)
+def test_unsafe_frame_ids_are_refused(tmp_path: Path, frame_id: str) -> None:
+    store = LocalMediaStore(tmp_path / "media")
+    with pytest.raises(InvalidFrameId):
+        store.put(frame_id, b"x", "jpg")
+    with pytest.raises(InvalidFrameId):
+        store.path_for(frame_id, "jpg")
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("ext", ["", "../jpg", "JPG", "jpg/x", "verylongext"])
+def test_unsafe_extensions_are_refused(tmp_path: Path, ext: str) -> None:
+    with pytest.raises(ValueError):
+        LocalMediaStore(tmp_path).put("abcdef012345", b"x", ext)
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalMediaStore(tmp_path)
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        store.put("abcdef012345", b"x", "jpg")
+    monkeypatch.undo()
+    assert not store.exists("abcdef012345", "jpg")
+    assert list((store.root / ".tmp").iterdir()) == []
+
+
+def test_delete(tmp_path: Path) -> None:
+    store = LocalMediaStore(tmp_path)
+    store.put("abcdef012345", b"x", "png")
+    assert store.delete("abcdef012345", "png")
+    assert not store.exists("abcdef012345", "png")
+    assert not store.delete("abcdef012345", "png")
+
+
+def test_stale_temp_files_are_swept_at_start(tmp_path: Path) -> None:
+    LocalMediaStore(tmp_path)
+    stale, fresh = tmp_path / ".tmp" / "old.tmp", tmp_path / ".tmp" / "new.tmp"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    old = time.time() - media_mod.STALE_TEMP_S - 10
+    os.utime(stale, (old, old))
+    LocalMediaStore(tmp_path)
+    assert not stale.exists() and fresh.exists()  # a fresh one may belong to another process's put
+
+
+def test_concurrent_puts(tmp_path: Path) -> None:
+    store: MediaStore = LocalMediaStore(tmp_path)
+    ids = [uuid.uuid4().hex for _ in range(80)]
+    errors: list[BaseException] = []
+
+    def worker(chunk: list[str]) -> None:
+        try:
+            for fid in chunk:
+                store.put(fid, fid.encode(), "jpg")
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(ids[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(store.path_for(fid, "jpg").read_bytes() == fid.encode() for fid in ids)
+
+
+def test_extension_for() -> None:
+    assert extension_for("image/jpeg") == extension_for("") == "jpg"
+    assert extension_for("image/png") == "png"
+    with pytest.raises(ValueError):
+        extension_for("image/gif")

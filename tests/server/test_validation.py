@@ -1,0 +1,291 @@
+"""Frame validation: every refusal has its RejectCode and a message that says what to fix.
+
+Also home of the frame builders the other server tests import (real JPEGs from OpenCV, wire
+bytes from ``edgeloop.convert.serialize_frame``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeloop.convert import frame_to_pb, serialize_frame
+from edgeloop.domain import Detection, FrameRecord, Reason
+from server.ingest.base import AllowAllDevices, FrameRejected, Identity, RejectCode
+from server.ingest.validation import ValidationConfig, validate
+
+CLASS_NAMES = ["person", "car", "dog"]
+ANON = Identity(transport="grpc", device_id=None)
+
+
+@functools.lru_cache(maxsize=64)
+def jpeg_bytes(seed: int = 0, width: int = 640, height: int = 480, ext: str = ".jpg") -> bytes:
+    """A real image (~50 KB as a 640x480 JPEG): coloured rectangles plus noise, so it compresses like a photo."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    for _ in range(30):
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        cv2.rectangle(image, p1, p2, color, -1)
+    image = cv2.add(image, rng.integers(0, 20, image.shape, dtype=np.uint8))
+    params = [cv2.IMWRITE_JPEG_QUALITY, 85] if ext == ".jpg" else []
+    ok, buf = cv2.imencode(ext, image, params)
+    assert ok
+    return buf.tobytes()
+
+
+def make_record(frame_id: str | None = None, *, seed: int = 0, detections: int = 5, **overrides) -> FrameRecord:
+    """A valid frame: 640x480 JPEG, ``detections`` boxes with class scores, two reasons."""
+    dets = [
+        Detection(
+            box=(10.0 + 100 * i, 20.0 + 50 * i, 90.0 + 100 * i, 120.0 + 50 * i),
+            class_id=i % 3,
+            class_name=CLASS_NAMES[i % 3],
+            confidence=0.3 + 0.1 * i,
+            class_scores=np.array([0.1, 0.2, 0.3], dtype=np.float32),
+        )
+        for i in range(detections)
+    ]
+    record = FrameRecord(
+        frame_id=frame_id or uuid.uuid4().hex,
+        device_id="cam-01",
+        capture_time=1_763_800_000.25,
+        sequence=42,
+        model_version="yolov8n-3",
+        image=jpeg_bytes(seed),
+        media_type="image/jpeg",
+        width=640,
+        height=480,
+        detections=dets,
+        uncertainty=0.7,
+        reasons=[Reason("margin", 0.8, "car vs dog 0.05"), Reason("confidence_band", 0.5, "dog 0.41")],
+        source_id="front",
+        class_names=list(CLASS_NAMES),
+    )
+    return dataclasses.replace(record, **overrides)
+
+
+def payload_of(record: FrameRecord) -> bytes:
+    return serialize_frame(record)
+
+
+def with_detection(record: FrameRecord, index: int = 0, **changes) -> FrameRecord:
+    dets = list(record.detections)
+    dets[index] = dataclasses.replace(dets[index], **changes)
+    return dataclasses.replace(record, detections=dets)
+
+
+class Devices:
+    """A directory with a fixed set of active devices."""
+
+    def __init__(self, *active: str) -> None:
+        self.active = set(active)
+
+    def is_active(self, device_id: str) -> bool:
+        return device_id in self.active
+
+
+def rejected(payload: bytes, *, identity=ANON, devices=None, config=None) -> FrameRejected:
+    with pytest.raises(FrameRejected) as info:
+        validate(payload, identity, devices or AllowAllDevices(), config or ValidationConfig())
+    return info.value
+
+
+def test_valid_frame_round_trips() -> None:
+    record = make_record()
+    got = validate(payload_of(record), ANON, AllowAllDevices(), ValidationConfig())
+    assert got.frame_id == record.frame_id
+    assert got.image == record.image
+    assert [d.box for d in got.detections] == [d.box for d in record.detections]
+    assert [(r.trigger, r.detail) for r in got.reasons] == [(r.trigger, r.detail) for r in record.reasons]
+    assert [r.score for r in got.reasons] == pytest.approx([r.score for r in record.reasons])
+
+
+def test_png_frame_is_valid_and_empty_media_type_means_jpeg() -> None:
+    png = make_record(image=jpeg_bytes(1, 320, 240, ".png"), media_type="image/png", width=320, height=240, detections=2)
+    assert validate(payload_of(png), ANON, AllowAllDevices(), ValidationConfig()).media_type == "image/png"
+    unnamed = make_record(media_type="")
+    assert validate(payload_of(unnamed), ANON, AllowAllDevices(), ValidationConfig()).media_type == "image/jpeg"
+
+
+def test_frame_without_detections_or_class_names_is_valid() -> None:
+    record = make_record(detections=0, class_names=[])
+    cfg = ValidationConfig(require_class_names=True)
+    assert validate(payload_of(record), ANON, AllowAllDevices(), cfg).detections == []
+
+
+def test_too_large() -> None:
+    err = rejected(payload_of(make_record()), config=ValidationConfig(max_frame_bytes=10_000))
+    assert err.code is RejectCode.TOO_LARGE
+    assert "limit of 10000" in str(err) and "device" in str(err)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\x78\x01", id="only-unknown-fields"),
+        pytest.param(b"\xff\xff\xff\xff\x0f\x01\x02", id="garbage"),
+        pytest.param(serialize_frame(make_record())[:1000], id="truncated"),
+        pytest.param(b"\x0a\x03\xff\xfe\xfd", id="bad-utf8"),
+    ],
+)
+def test_malformed(payload: bytes) -> None:
+    err = rejected(payload)
+    assert err.code is RejectCode.MALFORMED
+    assert err.code.fatal_for_stream
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("frame_id", "", "no frame_id"),
+        ("frame_id", "../../etc/passwd", "not a valid id"),
+        ("frame_id", "short", "not a valid id"),
+        ("frame_id", "a" * 65, "not a valid id"),
+        ("device_id", "", "no device_id"),
+    ],
+)
+def test_missing_or_invalid_ids(field: str, value: str, expected: str) -> None:
+    msg = frame_to_pb(make_record())
+    setattr(msg, field, value)
+    err = rejected(msg.SerializeToString())
+    assert err.code is RejectCode.MISSING_ID
+    assert expected in str(err)
+
+
+def test_unknown_and_revoked_device() -> None:
+    err = rejected(payload_of(make_record(device_id="cam-99")), devices=Devices("cam-01"))
+    assert err.code is RejectCode.UNKNOWN_DEVICE
+    assert "cam-99" in str(err) and "register" in str(err)
+    assert validate(payload_of(make_record()), ANON, Devices("cam-01"), ValidationConfig()).device_id == "cam-01"
+
+
+def test_device_mismatch() -> None:
+    identity = Identity(transport="grpc", device_id="cam-02", peer="ipv4:127.0.0.1:5555")
+    err = rejected(payload_of(make_record()), identity=identity)
+    assert err.code is RejectCode.DEVICE_MISMATCH
+    assert "cam-01" in str(err) and "cam-02" in str(err)
+    ok = Identity(transport="mqtt", device_id="cam-01")
+    assert validate(payload_of(make_record()), ok, AllowAllDevices(), ValidationConfig()).device_id == "cam-01"
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param({"image": b"\xff\xd8\xff" + b"not a jpeg at all" * 10 + b"\xff\xd9"}, "", id="garbage-jpeg"),
+        pytest.param({"image": jpeg_bytes(0)[: len(jpeg_bytes(0)) // 2]}, "truncated", id="truncated-jpeg"),
+        pytest.param({"image": b"hello world"}, "not a JPEG, PNG or WebP", id="not-an-image"),
+        pytest.param({"image": b""}, "no image bytes", id="empty-image"),
+        pytest.param({"width": 320}, "header says 640x480", id="declared-size-mismatch"),
+        pytest.param({"width": 0, "height": 0}, "empty", id="no-size"),
+        pytest.param({"media_type": "image/gif"}, "not accepted", id="unsupported-type"),
+        pytest.param({"media_type": "image/png"}, "look like image/jpeg", id="type-mismatch"),
+        pytest.param({"width": 10_000, "height": 10_000}, "above the server's limit", id="too-many-pixels"),
+    ],
+)
+def test_bad_image(changes: dict, expected: str) -> None:
+    err = rejected(payload_of(make_record(detections=0, **changes)))
+    assert err.code is RejectCode.BAD_IMAGE
+    assert expected in str(err)
+    assert not err.code.fatal_for_stream
+
+
+def test_corrupt_jpeg_body_that_does_not_decode() -> None:
+    data = bytearray(jpeg_bytes(0))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 9] = 0  # zero colour components: libjpeg refuses the image
+    err = rejected(payload_of(make_record(image=bytes(data), detections=0)))
+    assert err.code is RejectCode.BAD_IMAGE
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"box": (600.0, 10.0, 700.0, 50.0)}, "outside the 640x480 image"),
+        ({"box": (-10.0, 10.0, 50.0, 50.0)}, "outside"),
+        ({"box": (10.0, 10.0, 50.0, 490.0)}, "outside"),
+        ({"box": (50.0, 10.0, 50.0, 40.0)}, "empty"),
+        ({"box": (50.0, 40.0, 60.0, 30.0)}, "empty"),
+    ],
+)
+def test_box_outside_or_degenerate(changes: dict, expected: str) -> None:
+    err = rejected(payload_of(with_detection(make_record(), 1, **changes)))
+    assert err.code is RejectCode.BOX_OUTSIDE
+    assert expected in str(err) and "detection 1" in str(err)
+
+
+def test_box_within_tolerance_is_accepted() -> None:
+    record = with_detection(make_record(), 0, box=(-1.5, -1.0, 641.5, 481.0))
+    assert validate(payload_of(record), ANON, AllowAllDevices(), ValidationConfig()).detections[0].box[2] == 641.5
+
+
+@pytest.mark.parametrize(
+    ("changes", "config", "expected"),
+    [
+        ({"class_id": 7}, {}, "class_id 7 is not one of the model's 3 classes"),
+        ({"class_id": -1}, {}, "class_id -1"),
+        ({"class_name": "cat"}, {}, "does not match class_names[0] = 'person'"),
+    ],
+)
+def test_unknown_class(changes: dict, config: dict, expected: str) -> None:
+    err = rejected(payload_of(with_detection(make_record(), 0, **changes)), config=ValidationConfig(**config))
+    assert err.code is RejectCode.UNKNOWN_CLASS
+    assert expected in str(err)
+
+
+def test_class_names_required_or_class_checked_without_them() -> None:
+    no_names = make_record(class_names=[])
+    assert validate(payload_of(no_names), ANON, AllowAllDevices(), ValidationConfig()).class_names == []
+    err = rejected(payload_of(no_names), config=ValidationConfig(require_class_names=True))
+    assert err.code is RejectCode.UNKNOWN_CLASS and "class_names" in str(err)
+    err = rejected(payload_of(with_detection(no_names, 0, class_name="")))
+    assert err.code is RejectCode.UNKNOWN_CLASS
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(with_detection(make_record(), 0, confidence=1.5), id="confidence>1"),
+        pytest.param(with_detection(make_record(), 0, confidence=math.nan), id="confidence-nan"),
+        pytest.param(
+            with_detection(make_record(), 0, class_scores=np.array([0.1, math.nan, 0.2], np.float32)), id="score-nan"
+        ),
+        pytest.param(with_detection(make_record(), 0, box=(math.nan, 1.0, 5.0, 5.0)), id="box-nan"),
+        pytest.param(make_record(uncertainty=math.nan), id="uncertainty-nan"),
+        pytest.param(make_record(uncertainty=-0.1), id="uncertainty<0"),
+        pytest.param(make_record(reasons=[Reason("margin", 2.0, "")]), id="reason-score"),
+        pytest.param(make_record(capture_time=1e13), id="capture-time"),
+        pytest.param(make_record(sequence=2**63), id="sequence-overflow"),
+    ],
+)
+def test_bad_values(record: FrameRecord) -> None:
+    err = rejected(payload_of(record))
+    assert err.code is RejectCode.BAD_VALUE
+    assert err.frame_id == record.frame_id
+
+
+def test_too_many_detections() -> None:
+    err = rejected(payload_of(make_record(detections=5)), config=ValidationConfig(max_detections=4))
+    assert err.code is RejectCode.BAD_VALUE and "limit of 4" in str(err)
+
+
+def test_validation_cost_is_about_one_decode() -> None:
+    """Not a benchmark: a guard that validation stays in the millisecond range for a 640x480 frame."""
+    payload = payload_of(make_record())
+    cfg, devices = ValidationConfig(), AllowAllDevices()
+    validate(payload, ANON, devices, cfg)
+    n = 50
+    start = time.perf_counter()
+    for _ in range(n):
+        validate(payload, ANON, devices, cfg)
+    per_frame = (time.perf_counter() - start) / n
+    assert per_frame < 0.05, f"validation took {per_frame * 1e3:.1f} ms per frame"
