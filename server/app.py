@@ -98,7 +98,9 @@ class Server:
         logger.info("gRPC ingest and registry on %s:%d", cfg.grpc.host, self.grpc_port)
 
         if cfg.mqtt.enabled:
-            self.bridge = MqttBridge(cfg.mqtt, self.core, self.metrics, self.heartbeats, directory).start()
+            self.bridge = MqttBridge(
+                cfg.mqtt, self.core, metrics=self.metrics, heartbeats=self.heartbeats, devices=directory
+            ).start()
             self._parts.append(("MQTT bridge", self.bridge.stop))
         if cfg.announce is not None:
             from server.registry.announce import ReleaseAnnouncer
@@ -117,7 +119,7 @@ class Server:
         if cfg.app.enabled:
             from server.curation_app import CurationApp
 
-            self.inbox.dataset()  # the App lists it from the first page on
+            _ = self.inbox.dataset  # created now, so the App lists it from the first page on
             self.app = CurationApp(self.db_uri, cfg.fiftyone_dir, cfg.app.host, cfg.app.port)
             self._parts.append(("FiftyOne App", self.app.stop))
             self.app.wait_ready()

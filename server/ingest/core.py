@@ -29,6 +29,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -174,19 +175,18 @@ class IngestCore:
             else:
                 first[item.record.frame_id] = item
         acks = self._write(first)
-        for fid, item in first.items():
-            item.future.set_result(acks[fid])
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        answers = [(item, acks[fid]) for fid, item in first.items()]
         for item in repeats:
             ack = acks[item.record.frame_id]
-            status = AckStatus.DUPLICATE if ack.durable else ack.status
-            item.future.set_result(Ack(ack.frame_id, status, "sent twice in one batch" if ack.durable else ack.message))
-        statuses = [a.status for a in acks.values()] + [
-            AckStatus.DUPLICATE if acks[i.record.frame_id].durable else AckStatus.RETRY for i in repeats
-        ]
-        self.metrics.frames_stored.inc(statuses.count(AckStatus.STORED))
-        self.metrics.frames_duplicate.inc(statuses.count(AckStatus.DUPLICATE))
-        self.metrics.frames_retry.inc(statuses.count(AckStatus.RETRY))
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            # A repeat is a duplicate of its first copy once that is durable, else shares its fate.
+            answers.append((item, Ack(ack.frame_id, AckStatus.DUPLICATE, "sent twice") if ack.durable else ack))
+        for item, ack in answers:
+            item.future.set_result(ack)
+        counts = Counter(ack.status for _, ack in answers)
+        self.metrics.frames_stored.inc(counts[AckStatus.STORED])
+        self.metrics.frames_duplicate.inc(counts[AckStatus.DUPLICATE])
+        self.metrics.frames_retry.inc(counts[AckStatus.RETRY])
 
     def _write(self, frames: dict[str, _Pending]) -> dict[str, Ack]:
         """Store the batch's distinct frames; returns every frame's ack."""

@@ -4,11 +4,14 @@ The FiftyOne inbox stores each sample's ``filepath``; this module decides that p
 the bytes behind it durable *before* the sample is written, so the database never points at a
 file that a crash could lose.
 
-Layout: ``root/<aa>/<bb>/<frame_id>.<ext>`` where ``aa``/``bb`` are the first hex digits of a
-hash of the frame id. Hashing (rather than taking the id's own first characters) spreads any id
-scheme evenly, so no folder ever holds millions of files (65,536 leaf folders: ~15 files each
-at a million frames). Temporary files go to ``root/.tmp`` (same file system, so ``os.replace``
-is atomic) and leftovers of a crash older than :data:`STALE_TEMP_S` are swept at start-up.
+Layout: ``root/<ab>/<c>/<frame_id>.<ext>`` where ``abc`` are the first hex digits of a hash of
+the frame id. Hashing (rather than taking the id's own first characters) spreads any id scheme
+evenly over 4,096 leaf folders: ~250 files each at a million frames, ~25,000 at a hundred
+million, so no folder ever holds millions of files. The 256 top folders are made when a store
+is opened; a leaf folder is made (and its parent synced) by the first put that needs it, which
+costs that put one more ``fsync``. Temporary files go to ``root/.tmp`` (same file system, so
+``os.replace`` is atomic) and leftovers of a crash older than :data:`STALE_TEMP_S` are swept at
+start-up.
 
 Durability of :meth:`LocalMediaStore.put`: write a temp file, ``fsync`` it, ``os.replace`` it
 onto the final name, ``fsync`` the final folder (and the parents of any folder it had to
@@ -38,6 +41,7 @@ FiftyOne OSS could not display what it stores.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -138,6 +142,7 @@ class LocalMediaStore:
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         self._ensure_dir(self._tmp)
+        self._create_shards()
         self._sweep_temp()
 
     @classmethod
@@ -149,7 +154,7 @@ class LocalMediaStore:
         if not _EXT_PATTERN.fullmatch(ext):
             raise ValueError(f"file extension {ext!r} must be 1-8 lower-case letters or digits")
         digest = hashlib.blake2b(frame_id.encode(), digest_size=2).hexdigest()
-        return self.root / digest[:2] / digest[2:4] / f"{frame_id}.{ext}"
+        return self.root / digest[:2] / digest[2] / f"{frame_id}.{ext}"
 
     def put(self, frame_id: str, data: bytes, ext: str) -> Path:
         """Write ``data`` as the frame's file and return its path once it is on disk.
@@ -158,7 +163,8 @@ class LocalMediaStore:
         frame carries the same bytes), so readers never see a partial file.
         """
         path = self.path_for(frame_id, ext)
-        self._ensure_dir(path.parent)
+        if path.parent not in self._known_dirs:
+            self._ensure_dir(path.parent)
         tmp = self._tmp / f"{frame_id}.{uuid.uuid4().hex[:8]}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -169,7 +175,12 @@ class LocalMediaStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:  # its shard folder was removed while the store was open
+                self._known_dirs.discard(path.parent)
+                self._ensure_dir(path.parent)
+                os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -189,22 +200,33 @@ class LocalMediaStore:
         _fsync_dir(path.parent)
         return True
 
+    def _create_shards(self) -> None:
+        """Create the missing top-level shard folders, then sync the root once."""
+        for hi in range(256):
+            with contextlib.suppress(FileExistsError):
+                (self.root / f"{hi:02x}").mkdir()
+        # Unconditionally: folders an earlier process made may not have been synced before it died.
+        _fsync_dir(self.root)
+
     def _ensure_dir(self, path: Path) -> None:
-        """Create ``path`` and its parents, each new one made durable by syncing its parent."""
-        if path in self._known_dirs:
-            return
+        """Make ``path`` (and missing parents) exist durably: each one's entry synced in its parent.
+
+        The parent is synced even when ``path`` already existed: a previous process may have made
+        it and died before syncing, leaving the entry only in the page cache.
+        """
         with self._dirs_lock:
+            if path in self._known_dirs:
+                return
             missing: list[Path] = []
             p = path
             while not p.is_dir():
                 missing.append(p)
                 p = p.parent
             for d in reversed(missing):
-                try:
+                with contextlib.suppress(FileExistsError):  # another process made it meanwhile
                     d.mkdir()
-                except FileExistsError:
-                    pass  # another process made it
-                _fsync_dir(d.parent)
+            for parent in dict.fromkeys([d.parent for d in reversed(missing)] + [path.parent]):
+                _fsync_dir(parent)
             self._known_dirs.add(path)
 
     def _sweep_temp(self) -> None:

@@ -155,7 +155,10 @@ def test_sample_for_unknown_id(inbox: Inbox) -> None:
 def test_durable_uri() -> None:
     assert durable_uri("mongodb://h:1") == "mongodb://h:1/?journal=true"
     assert durable_uri("mongodb://h:1/db") == "mongodb://h:1/db?journal=true"
-    assert durable_uri("mongodb://h/?replicaSet=rs", 500) == "mongodb://h/?replicaSet=rs&journal=true&serverSelectionTimeoutMS=500"
+    assert (
+        durable_uri("mongodb://h/?replicaSet=rs", 500)
+        == "mongodb://h/?replicaSet=rs&journal=true&serverSelectionTimeoutMS=500"
+    )
     assert durable_uri("mongodb://h/?w=majority&journal=true") == "mongodb://h/?w=majority&journal=true"
     for bad in ("mongodb://h/?journal=false", "mongodb://h/?w=0", "http://h/"):
         with pytest.raises(MongoError):
@@ -164,7 +167,10 @@ def test_durable_uri() -> None:
 
 def test_external_uri_is_passed_through(tmp_path: Path) -> None:
     manager = MongoManager(MongoConfig(uri="mongodb://db.example:27017/?replicaSet=rs0", db_dir=tmp_path))
-    assert manager.ensure_running() == "mongodb://db.example:27017/?replicaSet=rs0&journal=true&serverSelectionTimeoutMS=5000"
+    assert (
+        manager.ensure_running()
+        == "mongodb://db.example:27017/?replicaSet=rs0&journal=true&serverSelectionTimeoutMS=5000"
+    )
     assert not manager.stop()
 
 

@@ -27,7 +27,7 @@ from server.ingest.base import AllowAllDevices, FrameRejected, Identity, RejectC
 from server.ingest.core import IngestCore
 from server.ingest.validation import ValidationConfig
 from server.metrics import ServerMetrics
-from server.store.inbox import Inbox, InboxConfig
+from server.store.inbox import Inbox
 from server.store.media import LocalMediaStore
 from server.store.mongo import MongoManager
 from tests.server.test_validation import Devices, jpeg_bytes, make_record, payload_of, with_detection

@@ -22,7 +22,7 @@ def test_put_stores_bytes_at_a_sharded_path(tmp_path: Path) -> None:
     assert path.read_bytes() == b"image bytes"
     rel = path.relative_to(store.root)
     assert len(rel.parts) == 3 and rel.name == f"{fid}.jpg"
-    assert all(len(p) == 2 for p in rel.parts[:2])
+    assert [len(p) for p in rel.parts[:2]] == [2, 1]
     assert store.exists(fid, "jpg") and not store.exists(fid, "png")
     assert list((store.root / ".tmp").iterdir()) == []  # no temp file left behind
 
@@ -42,8 +42,7 @@ def test_paths_spread_over_shards(tmp_path: Path) -> None:
     assert len(shards) > 150
 
 
-def test_put_fsyncs_file_and_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = LocalMediaStore(tmp_path)
+def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -52,18 +51,39 @@ def test_put_fsyncs_file_and_folders(tmp_path: Path, monkeypatch: pytest.MonkeyP
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", counting_fsync)
+    return synced
+
+
+def test_put_fsyncs_the_file_and_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalMediaStore(tmp_path)
+    synced = _count_fsyncs(monkeypatch)
     path = store.put("abcdef0123456789", b"x" * 1000, "jpg")
-    # The temp file, the folder that receives the rename, and each newly created shard folder's parent.
-    assert any(p.endswith(".tmp") for p in synced)
-    assert str(path.parent) in synced
-    assert str(store.root) in synced and str(path.parent.parent) in synced
+    # First put into a leaf folder: the new folder's entry (its parent), the temp file's data
+    # before the rename, then the folder that received the new name.
+    assert synced[0] == str(path.parent.parent)
+    assert synced[1].endswith(".tmp") and synced[2] == str(path.parent) and len(synced) == 3
     synced.clear()
     store.put("abcdef0123456789", b"x" * 1000, "jpg")
-    assert len(synced) == 2  # folders exist now: file + folder
+    assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == str(path.parent)
+
+
+def test_shard_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = _count_fsyncs(monkeypatch)
+    store = LocalMediaStore(tmp_path / "media")
+    tops = [p for p in store.root.iterdir() if p.is_dir() and p.name != ".tmp"]
+    assert len(tops) == 256 and str(store.root) in synced
+    # A shard folder removed behind the store's back is made again, durably.
+    path = store.put("abcdef0123456789", b"x", "jpg")
+    path.unlink()
+    path.parent.rmdir()
+    synced.clear()
+    store.put("abcdef0123456789", b"y", "jpg")
+    assert path.read_bytes() == b"y" and str(path.parent.parent) in synced
 
 
 @pytest.mark.parametrize(
-    "frame_id", ["../../etc/passwd", "..", "a/b/c/d/e/f", "", "short", "x" * 65, "abc def ghi", "frame\x00id12", "ü" * 10]
+    "frame_id",
+    ["../../etc/passwd", "..", "a/b/c/d/e/f", "", "short", "x" * 65, "abc def ghi", "frame\x00id12", "ü" * 10],
 )
 def test_unsafe_frame_ids_are_refused(tmp_path: Path, frame_id: str) -> None:
     store = LocalMediaStore(tmp_path / "media")

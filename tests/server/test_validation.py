@@ -110,7 +110,9 @@ def test_valid_frame_round_trips() -> None:
 
 
 def test_png_frame_is_valid_and_empty_media_type_means_jpeg() -> None:
-    png = make_record(image=jpeg_bytes(1, 320, 240, ".png"), media_type="image/png", width=320, height=240, detections=2)
+    png = make_record(
+        image=jpeg_bytes(1, 320, 240, ".png"), media_type="image/png", width=320, height=240, detections=2
+    )
     assert validate(payload_of(png), ANON, AllowAllDevices(), ValidationConfig()).media_type == "image/png"
     unnamed = make_record(media_type="")
     assert validate(payload_of(unnamed), ANON, AllowAllDevices(), ValidationConfig()).media_type == "image/jpeg"
