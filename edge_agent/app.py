@@ -90,6 +90,7 @@ class _Scored:
     frame: Frame
     detections: list[Detection]
     model_version: str
+    class_names: list[str]  # of the model that detected it: a swap may happen before the worker gets to it
 
 
 class Agent:
@@ -189,9 +190,10 @@ class Agent:
                 with self._detector_lock:
                     detections = self.detector.detect(frame.image)
                     version = self.model_version
+                    class_names = list(self.detector.class_names)
                 self.metrics.inference_seconds.observe(time.perf_counter() - t0)
                 self._recent.append(frame.image)
-                self._queue.put(_Scored(frame, detections, version))
+                self._queue.put(_Scored(frame, detections, version, class_names))
                 self.metrics.frame_done()
         finally:
             reading_done.set()
@@ -228,7 +230,7 @@ class Agent:
                 return
             assert isinstance(item, _Scored)
             try:
-                self.process(item.frame, item.detections, item.model_version)
+                self.process(item.frame, item.detections, item.model_version, item.class_names)
             except BaseException as err:  # surfaced by run(); the loop must not hang the reader
                 logger.exception("scoring worker failed on frame %s", item.frame.name)
                 self._worker_error = err
@@ -243,8 +245,18 @@ class Agent:
             except queue.Empty:
                 time.sleep(0.01)
 
-    def process(self, frame: Frame, detections: list[Detection], model_version: str | None = None) -> Verdict:
-        """Score one detected frame and, if it is worth it, store it in the outbox."""
+    def process(
+        self,
+        frame: Frame,
+        detections: list[Detection],
+        model_version: str | None = None,
+        class_names: list[str] | None = None,
+    ) -> Verdict:
+        """Score one detected frame and, if it is worth it, store it in the outbox.
+
+        ``model_version`` and ``class_names`` name the model that produced ``detections`` (default: the
+        running one).
+        """
         seq = self._next_sequence()
         verdict = self.scorer.score(
             frame.source_id, detections, frame.capture_time, image_size=(frame.width, frame.height)
@@ -272,7 +284,7 @@ class Agent:
             uncertainty=verdict.score,
             reasons=list(verdict.reasons),
             source_id=frame.source_id,
-            class_names=list(self.detector.class_names),
+            class_names=list(self.detector.class_names) if class_names is None else class_names,
         )
         result = self.outbox.put(record.frame_id, serialize_frame(record), verdict.score)
         self.metrics.inc("frames_evicted", len(result.evicted))

@@ -8,7 +8,7 @@ reason goes into the next heartbeat's ``last_error``):
    carry a valid Ed25519 signature by the release key whose public half this device was given.
    Checked before a single byte of the artifact is fetched.
 2. **Download.** Over gRPC ``DownloadArtifact`` into ``models_dir/<version>/model.onnx.part``;
-   a broken download resumes from the bytes already on disk.
+   a broken download is no refusal: the next round resumes it from the bytes already on disk.
 3. **Artifact.** Size and sha256 must match the signed release, else the file is deleted.
 4. **Build.** A new detector is created from the file *beside* the running one (for TensorRT this
    is where the engine is built on the device).
@@ -18,14 +18,20 @@ reason goes into the next heartbeat's ``last_error``):
    ``models_dir/current`` (a symlink, replaced atomically with ``os.replace``) then names the new
    version, so a restarted agent runs it; the previous version stays on disk for rollback.
 
+A refused version's directory is removed (it is no rollback target and must not take the place of
+one among ``keep_versions``), and the same release is not tried again; ``last_error`` keeps saying
+why for as long as the channel offers it, and is cleared once the device runs what it is offered.
+
 A rollback is just a release of an older version: it is verified and swapped the same way, from
 disk when its artifact is still there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -46,10 +52,18 @@ logger = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "model.onnx"
 CURRENT_LINK = "current"
+#: A version names a directory under ``models_dir``: the registry's rule for names (server/registry/store.py
+#: ``NAME_PATTERN``), checked before anything is fetched or created, whatever the release's signature says.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class UpdateError(Exception):
     """A release was refused; the message says at which step and why."""
+
+
+class TransientUpdateError(UpdateError):
+    """A step failed for a reason that may pass (a download broke off): the release is not refused,
+    the next round tries again and a download resumes from the bytes already on disk."""
 
 
 class UpdateConfig(StrictModel):
@@ -143,7 +157,7 @@ class RegistryClient:
                 fh.flush()
                 os.fsync(fh.fileno())
         except grpc.RpcError as err:
-            raise UpdateError(f"download of {version} broke off: {err.code().name}: {err.details()}") from err
+            raise TransientUpdateError(f"download of {version} broke off: {err.code().name}: {err.details()}") from err
 
     def close(self) -> None:
         self._channel.close()
@@ -175,7 +189,10 @@ class Updater:
         self._watcher = None
         self._pending: models_pb2.ModelRelease | None = None
         self.last_error = ""
-        self.refused: dict[str, str] = {}  # version -> why, so a bad release is not retried in a loop
+        self.refused: dict[str, str] = {}  # version -> why it was refused (the latest refusal)
+        # Refused releases by content, so one is not retried in a loop; by content rather than by version
+        # so that a forged release naming a version cannot get the genuine one of that name refused.
+        self._refused_releases: dict[bytes, str] = {}
         config.models_dir.mkdir(parents=True, exist_ok=True)
 
     # -- the model on disk ---------------------------------------------------------------------
@@ -203,7 +220,12 @@ class Updater:
 
     def _prune(self, keep: set[str]) -> None:
         versions = sorted(
-            (p for p in self.config.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            (
+                p
+                for p in self.config.models_dir.iterdir()
+                # not the `current` link: it is no version and would take the rollback target's place
+                if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+            ),
             key=lambda p: p.stat().st_mtime,
             reverse=True,
         )
@@ -228,14 +250,22 @@ class Updater:
                     logger.warning("%s", err)
                     return False
             if release is None or release.version == self.agent.model_version:
+                self.last_error = ""  # the registry answered and nothing is pending: no error is current
                 return False
-            if release.version in self.refused:
+            identity = hashlib.sha256(release.SerializeToString(deterministic=True)).digest()
+            if identity in self._refused_releases:
+                self.last_error = self._refused_releases[identity]  # still offered, still refused
                 return False
             try:
                 self.apply(release)
+            except TransientUpdateError as err:
+                self.last_error = f"update to model {release.version} interrupted, will retry: {err}"
+                logger.warning("%s", self.last_error)
+                return False
             except UpdateError as err:
                 self.refused[release.version] = str(err)
                 self.last_error = f"refused model {release.version}: {err}"
+                self._refused_releases[identity] = self.last_error
                 logger.error("%s; still running %s", self.last_error, self.agent.model_version)
                 return False
             self.last_error = ""
@@ -244,7 +274,7 @@ class Updater:
     def apply(self, release: models_pb2.ModelRelease) -> None:
         """Verify, fetch, build, smoke-test and swap to ``release`` (raises UpdateError on any failure)."""
         version = release.version
-        if not version or "/" in version or version.startswith("."):
+        if not VERSION_PATTERN.fullmatch(version):
             raise UpdateError(f"release version {version!r} is not a valid name")
         try:
             verify_release(release, self._public_key)
@@ -252,6 +282,25 @@ class Updater:
             raise UpdateError(f"signature check failed: {err}") from err
         vdir = self.config.models_dir / version
         vdir.mkdir(parents=True, exist_ok=True)
+        try:
+            detector = self._fetch_and_build(release, vdir)
+        except TransientUpdateError:
+            raise  # keep the partial download for the next round
+        except UpdateError:
+            # A refused version is no rollback target: it must not take a place among keep_versions.
+            shutil.rmtree(vdir, ignore_errors=True)
+            raise
+        old = self.agent.swap_detector(detector, version)
+        previous = old.model_version
+        old.close()
+        self._point_current(version)
+        os.utime(vdir)
+        self._prune(keep={version})
+        logger.info("now running model %s (was %s)", version, previous)
+
+    def _fetch_and_build(self, release: models_pb2.ModelRelease, vdir: Path) -> Detector:
+        """Download (or find on disk) and check the artifact, build the detector and smoke-test it."""
+        version = release.version
         artifact = vdir / ARTIFACT_NAME
         if not artifact.exists():
             part = vdir / (ARTIFACT_NAME + ".part")
@@ -277,13 +326,7 @@ class Updater:
         except UpdateError:
             detector.close()
             raise
-        old = self.agent.swap_detector(detector, version)
-        previous = old.model_version
-        old.close()
-        self._point_current(version)
-        os.utime(vdir)
-        self._prune(keep={version})
-        logger.info("now running model %s (was %s)", version, previous)
+        return detector
 
     def _smoke_test(self, detector: Detector, release: models_pb2.ModelRelease) -> None:
         if list(release.class_names) and list(detector.class_names) != list(release.class_names):

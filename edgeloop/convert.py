@@ -190,3 +190,32 @@ def parse_release(payload: bytes) -> models_pb2.ModelRelease:
     msg = models_pb2.ModelRelease()
     msg.ParseFromString(payload)
     return msg
+
+
+def peek_frame_id(payload: bytes) -> str:
+    """The ``frame_id`` of a serialized ``FrameUpload`` without parsing the rest, or ``""``.
+
+    For answering a message too large to parse: field 1 comes first in the agent's deterministic
+    serialization, so only its few bytes are read. Returns ``""`` when the message does not start
+    with a short, printable field 1 (any other sender, or garbage).
+    """
+    if not payload or payload[0] != 0x0A:  # field 1, length-delimited
+        return ""
+    length, shift, pos = 0, 0, 1
+    while pos < min(len(payload), 3):  # a frame id is far shorter than 2**14 bytes
+        byte = payload[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    else:
+        return ""
+    raw = payload[pos : pos + length]
+    if not 0 < length <= 128 or len(raw) != length:
+        return ""
+    try:
+        frame_id = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+    return frame_id if frame_id.isprintable() else ""

@@ -16,6 +16,14 @@ outbox resends them after its ack timeout). The broker sends each client at most
 ``max_inflight`` unacknowledged messages (MQTT 5 Receive Maximum): that bounds how many frames
 one client has waiting for storage, and is how far the core can batch.
 
+Sessions outlive their clients, and so do their places in the group: Mosquitto keeps handing a
+disconnected member its share of the messages (queued for it) until its session expires. While
+one of several bridge processes is down, its share waits for it (agents resend what stays
+unacknowledged, and part of that lands on the absent member again). Keep ``session_expiry_s``
+as short as a restart needs when several processes share the group, and call
+:meth:`MqttBridge.retire_sessions` for client ids that will not come back (a process taken out
+of service, or ``clients`` lowered); their queued frames are then resent by the agents.
+
 Verdicts, per frame message (the table in ``base.py``):
 
 - ``STORED`` / ``DUPLICATE`` / ``REJECTED`` (a per-frame problem): ``FrameAck`` to
@@ -27,9 +35,14 @@ Verdicts, per frame message (the table in ``base.py``):
   agent resends later.
 - Stream-fatal problems (not a frame, too large, no id, unknown device, device mismatch): a log
   line, ``frames_rejected{transport="mqtt", reason=<code>}``, and PUBACK, because redelivering
-  the same bytes cannot fix them. When the core could read the frame id, the device named by
-  the topic also gets a ``REJECTED`` ack (so its agent stops resending); a payload that is not a
-  frame has no id to answer for.
+  the same bytes cannot fix them. When the frame id is known, the device named by the topic also
+  gets a ``REJECTED`` ack, so its agent sets the frame aside instead of resending it forever; a
+  payload that is not a frame has no id to answer for.
+- Too large (above ``max_payload_bytes``): refused here, unparsed; the frame id is read from the
+  message's first bytes (``edgeloop.convert.peek_frame_id``) for the ``REJECTED`` ack. Mosquitto
+  passes messages up to 256 MB unless its ``max_packet_size`` is set; with it, the broker drops
+  the publisher's connection instead and the bridge never sees the message (but paho on the
+  device re-sends it after every reconnect, so that device's connection flaps).
 - The core failing unexpectedly: logged with its traceback and PUBACKed without an ack; the
   agent resends the frame after its ack timeout.
 
@@ -56,7 +69,7 @@ from pydantic import Field, SecretStr
 from edge_agent.transports.base import TLSConfig
 from edgeloop import topics
 from edgeloop.config_base import ConfigError, StrictModel
-from edgeloop.convert import ack_to_pb, device_status_from_pb
+from edgeloop.convert import ack_to_pb, device_status_from_pb, peek_frame_id
 from edgeloop.domain import Ack, AckStatus
 from edgeloop.v1 import frames_pb2
 from server.ingest.base import AllowAllDevices, DeviceDirectory, FrameRejected, Identity, Ingestor, RejectCode
@@ -302,6 +315,51 @@ class MqttBridge:
             self._started = False
             self._cond.notify_all()
 
+    def retire_sessions(self, client_ids: list[str] | None = None, timeout: float = 10.0) -> None:
+        """End the broker sessions of ``client_ids`` (default: this bridge's) so that the group
+        stops queueing messages for them; call it while those clients are not running.
+
+        Messages queued for a retired session are discarded by the broker: they were never
+        acknowledged, so the devices send those frames again.
+
+        Raises:
+            ConnectionError: a session could not be ended (broker unreachable or refusing).
+        """
+        cfg = self.config
+        tls_context = _ssl_context(cfg.tls) if cfg.tls is not None else None
+        for client_id in client_ids if client_ids is not None else self.client_ids:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+            if cfg.username is not None:
+                client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+            if tls_context is not None:
+                client.tls_set_context(tls_context)
+            connected = threading.Event()
+            refused: list[str] = []
+
+            def on_connect(client, userdata, flags, reason_code, properties, refused=refused, connected=connected):
+                if reason_code.is_failure:
+                    refused.append(str(reason_code))
+                connected.set()
+
+            client.on_connect = on_connect
+            # A clean start replaces the old session; expiry 0 ends the new one at disconnect.
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0
+            try:
+                client.connect(cfg.host, cfg.port, cfg.keepalive_s, clean_start=True, properties=props)
+            except (OSError, ValueError) as err:
+                raise ConnectionError(f"cannot retire MQTT session {client_id}: {err}") from err
+            client.loop_start()
+            try:
+                if not connected.wait(timeout) or refused:
+                    raise ConnectionError(
+                        f"cannot retire MQTT session {client_id}: {refused[0] if refused else 'no CONNACK'}"
+                    )
+            finally:
+                client.disconnect()
+                client.loop_stop()
+            logger.info("MQTT bridge: retired session %s", client_id)
+
     def _flushed(self, bc: _Client, timeout: float) -> bool:
         """Wait until the broker has processed everything this client sent so far.
 
@@ -433,8 +491,10 @@ class MqttBridge:
             if len(payload) > self.config.max_payload_bytes:
                 raise FrameRejected(
                     RejectCode.TOO_LARGE,
-                    f"{len(payload)} bytes exceed the bridge's limit of {self.config.max_payload_bytes}: "
-                    "shrink the upload (the agent's image size or JPEG quality)",
+                    f"message is {len(payload)} bytes, above the bridge's limit of {self.config.max_payload_bytes}; "
+                    "lower the upload size (max_side / JPEG quality) on the device",
+                    # Read without parsing the message, so the agent can be told not to resend it.
+                    peek_frame_id(payload),
                 )
             future = self.ingestor.submit(payload, Identity(TRANSPORT, device_id, peer=msg.topic))
         except FrameRejected as err:

@@ -10,10 +10,11 @@ SOF / PNG IHDR, read without decoding) must match the declared width and height 
 ``max_image_pixels`` (so a small message cannot make the server allocate a huge bitmap), the
 file must end where its format says it ends (JPEG EOI, PNG IEND), and then OpenCV decodes it
 in full at full resolution (``IMREAD_GRAYSCALE``: the whole bitstream is entropy-decoded, only
-the colour conversion is skipped). Measured for a 640x480 JPEG of ~50 KB on the 2-core CI
-machine: ~1.0 ms grayscale vs ~1.3 ms colour; parsing and every other check together ~0.1 ms.
-Reduced-size decoding (``IMREAD_REDUCED_*``) would save little more and skips the inverse DCT
-of most coefficients, so it is not used.
+the colour conversion is skipped). Measured for a 640x480 JPEG of ~47 KB with 5 detections on
+the 2-core CI machine: decoding ~0.5 ms grayscale vs ~0.8 ms colour, parsing ~0.04 ms, the whole
+``validate`` ~0.6 ms (median; up to ~1.4 ms when the machine is busy). Reduced-size decoding
+(``IMREAD_REDUCED_*``) would save little more and skips the inverse DCT of most coefficients, so
+it is not used.
 """
 
 from __future__ import annotations

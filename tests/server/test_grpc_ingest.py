@@ -160,7 +160,7 @@ class FakeIngestor:
         delay_s: Futures resolve this long after submit (on a timer thread).
         hold: Futures stay pending until :meth:`release`.
         verdict: Replaces the stored/duplicate verdict (e.g. ``AckStatus.RETRY``).
-        validate: False skips validation (throughput runs with a no-op core).
+        validate: False skips every check and only reads the frame id (a no-op core for throughput runs).
         reverse: Resolve held futures last-first on release (completion out of order).
         check: The validation to run (default: :func:`fake_validate` with ``devices``); see
             :func:`real_validate`.
@@ -199,7 +199,7 @@ class FakeIngestor:
                 raise
             frame_id = rec.frame_id
         else:
-            frame_id = f"noop-{len(self.deliveries)}"
+            frame_id = frames_pb2.FrameUpload.FromString(payload).frame_id
         future: Future[Ack] = Future()
         with self._lock:
             self.deliveries.append(frame_id)
@@ -404,6 +404,23 @@ def test_a_cancelled_stream_frees_its_reader_and_the_server_goes_on(tmp_path: Pa
         )
         acks = s.transport().send(frames(2))
         assert [a.status for a in acks] == [AckStatus.STORED] * 2
+    finally:
+        s.close()
+
+
+def test_streams_over_max_concurrent_streams_are_refused_not_queued(tmp_path: Path) -> None:
+    s = start_server(tmp_path, FakeIngestor(hold=True), max_workers=2, max_concurrent_streams=2)
+    try:
+        senders = [threading.Thread(target=s.transport().send, args=(frames(1),)) for _ in range(2)]
+        for t in senders:
+            t.start()
+        wait_for(lambda: s.ingestor.held == 2, what="two streams in progress")
+        with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED"):
+            s.transport().send(frames(1))
+        s.ingestor.release()
+        for t in senders:
+            t.join(10)
+        assert [a.status for a in s.transport().send(frames(1))] == [AckStatus.STORED]
     finally:
         s.close()
 

@@ -155,7 +155,7 @@ def test_redelivered_frame_is_duplicate_and_stored_once(
 
 def test_same_id_twice_in_one_batch(media: LocalMediaStore, inbox: Inbox, metrics: ServerMetrics) -> None:
     payload = payload_of(make_record())
-    with IngestCore(media, inbox, AllowAllDevices(), ValidationConfig(), metrics, batch_size=8, max_wait_s=1.0) as c:
+    with IngestCore(media, inbox, AllowAllDevices(), ValidationConfig(), metrics, batch_size=8, max_wait_s=0.3) as c:
         futures = [c.submit(payload, GRPC) for _ in range(2)] + [c.submit(payload_of(make_record()), GRPC)]
         statuses = [_ack(f).status for f in futures]
     assert statuses == [AckStatus.STORED, AckStatus.DUPLICATE, AckStatus.STORED]
@@ -197,14 +197,14 @@ def test_media_failure_answers_retry_for_that_frame_only(
     core: IngestCore, media: LocalMediaStore, inbox: Inbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     good, bad = make_record(), make_record()
-    real_put = media.put
+    real_write = media._write  # what put() and put_many() write each file with
 
-    def put(frame_id: str, data: bytes, ext: str) -> Path:
+    def write(frame_id: str, data: bytes, ext: str, *, sync: bool) -> Path:
         if frame_id == bad.frame_id:
             raise OSError(28, "No space left on device")
-        return real_put(frame_id, data, ext)
+        return real_write(frame_id, data, ext, sync=sync)
 
-    monkeypatch.setattr(media, "put", put)
+    monkeypatch.setattr(media, "_write", write)
     futures = [core.submit(payload_of(good), GRPC), core.submit(payload_of(bad), GRPC)]
     acks = [_ack(f) for f in futures]
     assert [a.status for a in acks] == [AckStatus.STORED, AckStatus.RETRY]

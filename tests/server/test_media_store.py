@@ -159,3 +159,27 @@ def test_extension_for() -> None:
     assert extension_for("image/png") == "png"
     with pytest.raises(ValueError):
         extension_for("image/gif")
+
+
+def test_put_many_commits_the_whole_batch_with_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: no per-file fsync, one syncfs for the batch, every file complete afterwards;
+    a failing syncfs fails every item (none may be acknowledged)."""
+    import server.store.media as media
+
+    if media._syncfs is None:
+        pytest.skip("syncfs(2) is not available on this platform (put_many falls back to put)")
+    store = LocalMediaStore(tmp_path / "media")
+    synced = _count_fsyncs(monkeypatch)
+    calls: list[int] = []
+    real_syncfs = media._syncfs
+    monkeypatch.setattr(media, "_syncfs", lambda fd: calls.append(fd) or real_syncfs(fd))
+    items = [(f"{i:032x}", bytes([i]) * 1000, "jpg") for i in range(10)]
+    paths = store.put_many(items)
+    assert len(calls) == 1
+    assert not [p for p in synced if p.endswith((".jpg", ".tmp"))]  # no per-file fsync
+    for (fid, data, ext), path in zip(items, paths, strict=True):
+        assert path == store.path_for(fid, ext) and path.read_bytes() == data
+
+    monkeypatch.setattr(media, "_syncfs", lambda fd: -1)
+    failed = store.put_many([(f"{i:032x}", b"x", "jpg") for i in range(20, 23)])
+    assert all(isinstance(r, OSError) for r in failed)

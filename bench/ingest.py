@@ -1,0 +1,225 @@
+"""Benchmark: frames/s stored by the server through gRPC and through MQTT, each against a no-op
+receiver on the same transport in the same run, and FiftyOne samples/s on their own.
+
+    .venv/bin/python bench/ingest.py [--frames 1000] [--repeats 3] [--write docs/benchmarks.md]
+
+* no-op: the production transport (``IngestServicer`` / ``MqttBridge`` behind Mosquitto) with an
+  ingestor that acknowledges at once: what the transport alone can carry.
+* stored: the same transport with the real ``IngestCore``: validation (protobuf, JPEG decode,
+  boxes, classes), the media store (every image fsync'd), and the FiftyOne inbox on the bundled
+  MongoDB with journaled writes; an ack only after both are durable.
+* FiftyOne: ``Inbox.add_records`` in batches of 64, no transport, no media.
+
+The client is the agent's own transport, sending batches of 64 frames (~50 KB JPEG, 5 boxes).
+The client runs in its own process, as an agent would; server, broker and MongoDB share the
+machine's 2 cores with it. Rounds alternate no-op and
+stored so that machine noise hits both; ratios use medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgeloop.convert import parse_frame  # noqa: E402
+from edgeloop.domain import Ack, AckStatus  # noqa: E402
+from tests.fakes.frames import make_frame  # noqa: E402
+
+BATCH = 256
+DEVICE = "bench-cam"
+
+
+class NoopIngestor:
+    """Acknowledges every frame at once (parsing only the frame id for the ack)."""
+
+    def submit(self, payload: bytes, identity) -> Future[Ack]:
+        fut: Future[Ack] = Future()
+        fut.set_result(Ack(parse_frame(payload).frame_id, AckStatus.STORED))
+        return fut
+
+
+def make_payloads(n: int, seed: str = "") -> list[tuple[str, bytes]]:
+    boxes = [(10 + 40 * k, 10, 40 + 40 * k, 60) for k in range(5)]
+    return [make_frame(i, device=DEVICE, width=320, height=240, boxes=boxes) for i in range(n)]
+
+
+def send_all(transport, payloads: list[tuple[str, bytes]]) -> float:
+    """Send everything in batches until every frame is acknowledged; returns frames/s."""
+    pending = dict(payloads)
+    t0 = time.perf_counter()
+    while pending:
+        batch = list(pending.items())[:BATCH]
+        for ack in transport.send(batch):
+            if ack.durable:
+                pending.pop(ack.frame_id, None)
+    return len(payloads) / (time.perf_counter() - t0)
+
+
+def _client(kind: str, port: int, n: int, seed: str, out: mp.Queue) -> None:
+    """The device side, in its own process as in a deployment (the agent runs elsewhere)."""
+    payloads = make_payloads(n, seed)
+    if kind == "grpc":
+        from edge_agent.transports.grpc import GrpcTransport, GrpcTransportConfig
+
+        transport = GrpcTransport(GrpcTransportConfig(target=f"127.0.0.1:{port}", deadline_s=120), DEVICE)
+    else:
+        from edge_agent.transports.mqtt import MqttTransport, MqttTransportConfig
+
+        transport = MqttTransport(MqttTransportConfig(port=port, ack_timeout_s=30, client_id=f"agent-{seed}"), DEVICE)
+    try:
+        out.put(send_all(transport, payloads))
+    finally:
+        transport.close()
+
+
+def run_client(kind: str, port: int, n: int) -> float:
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no threads or sockets inherited from the server
+    out = ctx.Queue()
+    proc = ctx.Process(target=_client, args=(kind, port, n, uuid.uuid4().hex[:8], out))
+    proc.start()
+    fps = out.get(timeout=600)
+    proc.join(60)
+    return fps
+
+
+def grpc_round(ingestor, n: int) -> float:
+    from server.ingest.grpc_service import GrpcServerConfig, IngestServicer, build_grpc_server
+    from server.ingest.heartbeats import HeartbeatStore
+    from server.metrics import ServerMetrics
+
+    servicer = IngestServicer(ingestor, metrics=ServerMetrics(), heartbeats=HeartbeatStore(None))
+    server, port = build_grpc_server(GrpcServerConfig(port=0), [servicer.add_to_server])
+    server.start()
+    try:
+        return run_client("grpc", port, n)
+    finally:
+        server.stop(1).wait()
+
+
+def mqtt_round(ingestor, n: int, broker) -> float:
+    from server.ingest.heartbeats import HeartbeatStore
+    from server.ingest.mqtt_bridge import MqttBridge, MqttBridgeConfig
+    from server.metrics import ServerMetrics
+
+    group = f"bench-{uuid.uuid4().hex[:6]}"
+    bridge = MqttBridge(
+        MqttBridgeConfig(enabled=True, port=broker.port, shared_group=group, client_id_prefix=group),
+        ingestor,
+        metrics=ServerMetrics(),
+        heartbeats=HeartbeatStore(None),
+    ).start()
+    bridge.wait_ready(10)
+    try:
+        return run_client("mqtt", broker.port, n)
+    finally:
+        bridge.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--write", type=Path, default=None, help="Append the result table to this markdown file.")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        from server.store.mongo import MongoConfig, MongoManager, configure_fiftyone
+
+        mongo = MongoManager(MongoConfig(db_dir=work / "mongo"))
+        uri = mongo.ensure_running()
+        configure_fiftyone(uri, work / "fiftyone")
+        from server.ingest.base import AllowAllDevices
+        from server.ingest.core import IngestCore
+        from server.ingest.validation import ValidationConfig
+        from server.metrics import ServerMetrics
+        from server.store.inbox import Inbox, InboxConfig
+        from server.store.media import LocalMediaStore
+        from tests.fixtures.mosquitto import MosquittoBroker, _free_port
+
+        broker_dir = work / "mosquitto"
+        broker_dir.mkdir()
+        broker = MosquittoBroker(workdir=broker_dir, port=_free_port(), extra_conf="max_inflight_messages 0\n").start()
+        payloads = make_payloads(args.frames)
+        size = sum(len(p) for _, p in payloads) / len(payloads)
+        results: dict[str, list[float]] = {k: [] for k in ("grpc_noop", "grpc", "mqtt_noop", "mqtt", "fiftyone")}
+        cores = []
+        # One media store for every round, warmed up first: its 4,096 shard folders are created
+        # (and fsync'd) on first use, which a long-running server has long done.
+        media = LocalMediaStore(work / "media")
+        media.put_many([(f"{i:04x}{'0' * 28}", b"warm-up", "jpg") for i in range(1 << 14)])
+
+        def real_core() -> IngestCore:
+            inbox = Inbox(InboxConfig(dataset=f"bench-{uuid.uuid4().hex[:8]}"))
+            core = IngestCore(
+                LocalMediaStore(work / f"media-{len(cores)}"),
+                inbox,
+                AllowAllDevices(),
+                ValidationConfig(),
+                ServerMetrics(),
+                batch_size=BATCH,
+            )
+            cores.append((core, inbox))
+            return core
+
+        try:
+            for r in range(args.repeats):
+                # Each client makes new frame ids: every round stores, none is a duplicate.
+                results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames))
+                results["grpc"].append(grpc_round(real_core(), args.frames))
+                results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker))
+                results["mqtt"].append(mqtt_round(real_core(), args.frames, broker))
+                inbox = Inbox(InboxConfig(dataset=f"bench-fo-{uuid.uuid4().hex[:8]}"))
+                recs = [(parse_frame(p), work / f"x{i}.jpg") for i, (_, p) in enumerate(make_payloads(args.frames))]
+                t0 = time.perf_counter()
+                for i in range(0, len(recs), BATCH):
+                    inbox.add_records(recs[i : i + BATCH])
+                results["fiftyone"].append(len(recs) / (time.perf_counter() - t0))
+                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()), flush=True)
+        finally:
+            for core, _inbox in cores:
+                core.close()
+            broker.stop()
+            mongo.stop()
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    rows = [
+        ("gRPC, no-op receiver", med["grpc_noop"], "1.000"),
+        (
+            "gRPC, stored (validate + fsync'd media + journaled FiftyOne insert)",
+            med["grpc"],
+            f"{med['grpc'] / med['grpc_noop']:.3f}",
+        ),
+        ("MQTT via Mosquitto, no-op receiver", med["mqtt_noop"], "1.000"),
+        ("MQTT via Mosquitto, stored", med["mqtt"], f"{med['mqtt'] / med['mqtt_noop']:.3f}"),
+        ("FiftyOne inbox alone (add_records, batches of 64)", med["fiftyone"], "-"),
+    ]
+    table = (
+        f"### Server ingest ({time.strftime('%Y-%m-%d')})\n\n"
+        f"`bench/ingest.py --frames {args.frames} --repeats {args.repeats}`: {platform.machine()}, "
+        f"{os.cpu_count()} cores; frames of {size / 1024:.0f} KB (320x240 JPEG, 5 boxes), batches of {BATCH}; "
+        "client (own process), server, broker and bundled MongoDB on one machine; "
+        f"medians of {args.repeats} alternating rounds.\n\n"
+        "| path | frames/s | ratio to no-op on the same transport |\n|---|---:|---:|\n"
+        + "".join(f"| {name} | {fps:.0f} | {ratio} |\n" for name, fps, ratio in rows)
+    )
+    print(table)
+    if args.write:
+        with args.write.open("a") as fh:
+            fh.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
