@@ -4,6 +4,8 @@ lazily, so ``edgeloop agent --help`` on a device never imports the server's depe
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -37,6 +39,38 @@ def _register() -> None:
         return
     app.add_typer(server_app, name="server", help="Run the server; manage device credentials.")
     app.add_typer(models_app, name="models", help="Publish, promote, pin and roll back model versions.")
+    app.command("demo")(demo)
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps everything.")] = Path(".demo"),
+    model: Annotated[Path, typer.Option(help="The detector to publish as v1 (an ultralytics ONNX export).")] = Path(
+        "../shared/models/yolov8n_int8.onnx"
+    ),
+    source: Annotated[str, typer.Option(help="The camera: image folder, video file, camera index or URL.")] = (
+        "../shared/data/coco8/images/train"
+    ),
+    limit: Annotated[int | None, typer.Option(help="Stop the camera after this many frames.")] = None,
+    app_enabled: Annotated[bool, typer.Option("--app/--no-app", help="Start the FiftyOne App.")] = True,
+    app_port: Annotated[int, typer.Option(help="Port of the FiftyOne App.")] = 5151,
+    serve: Annotated[bool, typer.Option(help="Keep the server and App running until Ctrl-C.")] = False,
+) -> None:
+    """Run the loop on this machine: server + FiftyOne + registry + an edge agent on a camera."""
+    from edgeloop.demo import run_demo
+
+    setup_logging("WARNING")
+    if not model.is_file():
+        typer.secho(f"error: model {model} not found (pass --model PATH to an ultralytics ONNX export)", err=True)
+        raise typer.Exit(2)
+    result = run_demo(workdir, model, source, limit=limit, app=app_enabled, app_port=app_port, serve=serve)
+    c = result.counters
+    typer.echo(
+        f"camera: {c['frames_read']} frames read, {c['frames_kept']} kept as uncertain, "
+        f"{c['frames_uploaded']} uploaded (model {result.model_version})"
+    )
+    typer.echo(f"inbox: {result.samples} samples in FiftyOne dataset '{result.dataset}' ({result.workdir})")
+    if result.app_url and serve:
+        typer.echo(f"review them at {result.app_url}")
 
 
 _register()
