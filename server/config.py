@@ -62,7 +62,7 @@ class ServerConfig(StrictModel):
         default=None, description="Announce releases as retained MQTT messages on this broker (None: gRPC only)."
     )
     mongo: MongoConfig = Field(default_factory=MongoConfig, description="The MongoDB behind FiftyOne.")
-    media: MediaConfig = Field(default_factory=MediaConfig, description="Where frame images are stored.")
+    media: MediaConfig = Field(default_factory=MediaConfig, description="The media store for frame images.")
     inbox: InboxConfig = Field(default_factory=InboxConfig, description="The FiftyOne dataset frames land in.")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Checks on every frame.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="The model registry.")
@@ -80,7 +80,7 @@ class ServerConfig(StrictModel):
         for section, field, folder in _DATA_PATHS:
             value = data.get(section)
             if isinstance(value, StrictModel):
-                value = value.model_dump(exclude_unset=True)
+                continue  # already built (validate_assignment re-runs this with the built sections)
             value = dict(value or {})
             value.setdefault(field, base / folder)
             data[section] = value
