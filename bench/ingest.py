@@ -222,8 +222,8 @@ def main() -> None:
     table = (
         f"### Server ingest ({time.strftime('%Y-%m-%d')})\n\n"
         f"`bench/ingest.py --frames {args.frames} --repeats {args.repeats}`: {platform.machine()}, "
-        f"{os.cpu_count()} cores; frames of {size / 1024:.0f} KB on average (the COCO images as the agent encodes them: "
-        f"JPEG q90, longest side 640; 5 boxes), batches of {BATCH}; "
+        f"{os.cpu_count()} cores; frames of {size / 1024:.0f} KB on average (the COCO images as the agent "
+        f"encodes them: JPEG q90, longest side 640; 5 boxes), batches of {BATCH}; "
         "client (own process), server, broker and bundled MongoDB on one machine; "
         f"medians of {args.repeats} alternating rounds.\n\n"
         "| path | frames/s | ratio to no-op on the same transport |\n|---|---:|---:|\n"

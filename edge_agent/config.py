@@ -62,4 +62,3 @@ def load_agent_config(
 ) -> AgentConfig:
     """Load and validate the agent's config; relative paths in it are taken from the file's folder."""
     return load_config(AgentConfig, path, env=env, env_prefix=ENV_PREFIX, overrides=overrides)
-

@@ -41,7 +41,6 @@ class Server:
         cfg = self.config
         # Heavy imports here, not at module level: `edgeloop server --help` stays fast.
         from server.devices import DeviceRegistry
-        from server.ingest.base import AllowAllDevices
         from server.ingest.core import IngestCore
         from server.ingest.grpc_service import IngestServicer, build_grpc_server
         from server.ingest.heartbeats import HeartbeatStore
@@ -57,8 +56,9 @@ class Server:
         configure_fiftyone(self.db_uri, cfg.fiftyone_dir)
         from server.store.inbox import Inbox
 
+        # The registry applies require_registered itself, and also refuses revoked certificates.
         self.devices = DeviceRegistry(cfg.devices)
-        directory = self.devices if cfg.devices.require_registered else AllowAllDevices()
+        directory = self.devices
         self.media = LocalMediaStore(cfg.media.root)
         self.inbox = Inbox(cfg.inbox)
         self.core = IngestCore(

@@ -342,4 +342,3 @@ def test_access_control_and_revocation(deployment, tmp_path):
         client.disconnect()
     assert outcome[0] == "refused", "a revoked device connected to the broker"
     assert len(_samples(d.dataset)) == before + 1  # only cam-other's legitimate frame
-

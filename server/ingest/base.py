@@ -9,12 +9,12 @@ problem                gRPC                              MQTT bridge
 message too large      RESOURCE_EXHAUSTED (stream ends)  log + counter, dropped (no frame id)
 malformed / truncated  INVALID_ARGUMENT (stream ends)    log + counter, dropped (no frame id)
 no frame or device id  INVALID_ARGUMENT (stream ends)    log + counter, dropped
-unknown/revoked device PERMISSION_DENIED (stream ends)   log + counter, REJECTED ack if topic ok
+unknown/revoked device PERMISSION_DENIED (stream ends)   log + counter + REJECTED ack
 device mismatch        PERMISSION_DENIED (stream ends)   log + counter (topic != payload device)
 image does not decode  FrameAck REJECTED, stream goes on log + counter + REJECTED ack
 boxes outside image    FrameAck REJECTED                 same
 unknown class          FrameAck REJECTED                 same
-storage unavailable    FrameAck RETRY                    RETRY ack, MQTT message not acked
+storage unavailable    FrameAck RETRY                    RETRY ack (the agent resends), message acked
 =====================  ================================  =====================================
 
 "Stream ends" problems concern the whole connection (who is talking, or bytes that are not a

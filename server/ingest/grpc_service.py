@@ -15,7 +15,9 @@ with the connection itself (bytes that are not a frame, a frame too large, an un
 a device speaking for another) ends the stream with ``INVALID_ARGUMENT``, ``RESOURCE_EXHAUSTED``
 or ``PERMISSION_DENIED`` once the acks of the frames before it are sent. Messages above
 ``max_message_bytes`` never reach the servicer: gRPC itself ends the call with
-``RESOURCE_EXHAUSTED``.
+``RESOURCE_EXHAUSTED`` (after the acks already sent) and they are not counted in
+``frames_rejected``: the servicer only sees the call end. Every refusal the servicer sees is
+counted as ``frames_rejected{transport="grpc", reason=<code>}`` and logged.
 
 Identity: with mutual TLS the client certificate's common name is the device id; the stream
 (and a heartbeat) is refused with ``PERMISSION_DENIED`` before any frame is read when that

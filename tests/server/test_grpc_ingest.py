@@ -382,7 +382,9 @@ def test_read_ahead_is_bounded_per_stream(tmp_path: Path) -> None:
         wait_for(lambda: s.ingestor.held == 4, what="4 frames submitted")
         time.sleep(0.2)
         assert s.ingestor.held == 4  # the 5th frame stays unread until one is acknowledged
+        deadline = time.monotonic() + 5.0
         while len(s.ingestor.deliveries) < 12 or s.ingestor.held:
+            assert time.monotonic() < deadline, "the stream stalled"
             s.ingestor.release()
             time.sleep(0.01)
             s.ingestor.hold = len(s.ingestor.deliveries) < 12
@@ -755,6 +757,46 @@ def test_mtls_uses_the_directorys_verify_peer_when_it_has_one(tmp_path: Path, pk
         acks, err = s.raw_upload([make_frame(0)[1]], credentials=pki.credentials(DEVICE))
         assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert registry.seen and s.ingestor.identities == []
+    finally:
+        s.close()
+
+
+def test_mtls_with_the_real_device_registry_add_revoke_and_re_add(tmp_path: Path) -> None:
+    """``server.devices.DeviceRegistry`` issues the certificates and answers ``verify_peer``."""
+    devices = pytest.importorskip("server.devices")
+    validation = pytest.importorskip("server.ingest.validation")
+    registry = devices.DeviceRegistry(devices.DevicesConfig(root=tmp_path / "devices"))
+    server_creds = registry.server_credentials()
+    config = validation.ValidationConfig()
+    ingestor = FakeIngestor(check=lambda payload, identity: validation.validate(payload, identity, registry, config))
+    s = start_server(
+        tmp_path,
+        ingestor,
+        devices=registry,
+        tls=ServerTLSConfig(
+            cert_file=server_creds.cert_file, key_file=server_creds.key_file, client_ca_file=registry.ca_file
+        ),
+    )
+
+    def keep(creds: object, stem: str) -> TLSConfig:
+        # revoke() deletes the bundle: keep a copy of the certificate the device still holds.
+        cert, key = tmp_path / f"{stem}.crt", tmp_path / f"{stem}.key"
+        cert.write_bytes(creds.cert_file.read_bytes())  # type: ignore[attr-defined]
+        key.write_bytes(creds.key_file.read_bytes())  # type: ignore[attr-defined]
+        return TLSConfig(ca_file=registry.ca_file, cert_file=cert, key_file=key)
+
+    try:
+        old = keep(registry.add("cam-1"), "old")
+        assert [a.status for a in s.transport("cam-1", tls=old).send(frames(2, device="cam-1"))] == [
+            AckStatus.STORED
+        ] * 2
+        registry.revoke("cam-1")
+        with pytest.raises(TransportError, match="PERMISSION_DENIED"):
+            s.transport("cam-1", tls=old).send(frames(1, device="cam-1"))
+        new = keep(registry.add("cam-1"), "new")
+        with pytest.raises(TransportError, match="PERMISSION_DENIED"):  # the old certificate stays refused
+            s.transport("cam-1", tls=old).send(frames(1, device="cam-1"))
+        assert [a.status for a in s.transport("cam-1", tls=new).send(frames(1, device="cam-1"))] == [AckStatus.STORED]
     finally:
         s.close()
 

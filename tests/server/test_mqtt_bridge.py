@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.transports import MqttTransport, MqttTransportConfig, Transport, TransportError
 from edgeloop import topics
-from edgeloop.convert import device_status_to_pb
+from edgeloop.convert import device_status_to_pb, peek_frame_id
 from edgeloop.domain import AckStatus, DeviceStatus
 from server.ingest.base import Identity, RejectCode
 from server.ingest.heartbeats import HeartbeatStore
@@ -206,6 +206,15 @@ def test_a_50mb_frame_is_dropped_by_the_bridges_size_check(rig: Rig, caplog: pyt
     rig.publish(topics.frames(PREFIX, DEVICE), os.urandom(17 * 1024 * 1024))
     wait_for(lambda: rejected(rig, "too_large") == 2, what="the second too_large")
     assert [a.status for a in agent.send([make_frame(2)])] == [AckStatus.STORED]
+
+
+def test_peek_frame_id_reads_only_the_first_field() -> None:
+    fid, payload = make_frame(0, image=os.urandom(1000))
+    assert peek_frame_id(payload) == fid
+    assert peek_frame_id(payload[: 2 + len(fid)]) == fid  # nothing after the id is needed
+    assert peek_frame_id(make_frame(0, frame_id="x" * 120)[1]) == "x" * 120
+    for junk in (b"", b"\x0a", b"\x0a\x05ab", b"\x12\x03abc", b"\x0a\xff\xff\xff\x01", b"\x0a\x02\xff\xfe"):
+        assert peek_frame_id(junk) == ""
 
 
 def test_a_broker_with_max_packet_size_refuses_a_50mb_publish_itself(
@@ -415,6 +424,22 @@ def test_no_puback_before_the_core_resolved_a_killed_bridge_gets_the_frames_agai
     assert fresh.frames == dict(batch)
     late = agent.send([make_frame(50)])  # acks arrive on the agent's own session
     assert {fid for fid, _ in batch} <= {a.frame_id for a in late}
+
+
+def test_frames_waiting_for_storage_are_bounded_by_max_inflight(rig: Rig) -> None:
+    slow = FakeIngestor(hold=True)
+    rig.bridge(slow, max_inflight=4)
+    rig.agent(ack_timeout_s=0.2).send(frames(10))
+    wait_for(lambda: slow.held == 4, what="4 frames at the core")
+    time.sleep(0.2)
+    assert slow.held == 4  # the broker holds the rest back (MQTT 5 Receive Maximum)
+    deadline = time.monotonic() + 5.0
+    while len(slow.frames) < 10:
+        assert time.monotonic() < deadline, "the held-back frames never came"
+        slow.release()
+        slow.hold = True
+        time.sleep(0.05)
+    assert len(slow.deliveries) == 10
 
 
 def test_stop_drains_frames_being_stored_before_disconnecting(rig: Rig) -> None:
