@@ -144,6 +144,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--decode", choices=["full", "header"], default="full", help="validation.decode_images of the stored path"
+    )
     ap.add_argument("--write", type=Path, default=None, help="Append the result table to this markdown file.")
     args = ap.parse_args()
 
@@ -177,7 +180,8 @@ def main() -> None:
         # One core for every round, warmed up: its first batch imports half of FiftyOne's
         # dependencies, a one-time cost a running server has long paid.
         inbox = Inbox(InboxConfig(dataset=f"bench-{uuid.uuid4().hex[:8]}"))
-        core = IngestCore(media, inbox, AllowAllDevices(), ValidationConfig(), ServerMetrics(), batch_size=64)
+        validation = ValidationConfig(decode_images=args.decode)
+        core = IngestCore(media, inbox, AllowAllDevices(), validation, ServerMetrics(), batch_size=64)
         cores.append((core, inbox))
         from server.ingest.base import Identity
 

@@ -34,6 +34,11 @@ class OnnxRuntimeDetectorConfig(yolo.YoloThresholds):
         description="Threads ORT uses inside one operator; None lets ORT choose (all physical cores). "
         "Set it on shared devices so inference leaves cores for capture and upload.",
     )
+    allow_spinning: bool = Field(
+        False,
+        description="Let ORT's worker threads busy-wait between operators. Off by default: on a small device "
+        "the spinning threads steal the cores that frame reading, scoring and encoding run on.",
+    )
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
         min_length=1,
@@ -74,6 +79,7 @@ class OnnxRuntimeDetector(Detector):
         options = ort.SessionOptions()
         if config.intra_op_threads is not None:
             options.intra_op_num_threads = config.intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         # ORT's pybind errors (InvalidProtobuf, Fail, InvalidGraph...) share no base class but Exception.

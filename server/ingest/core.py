@@ -3,7 +3,7 @@
 ``submit`` validates a frame in the caller's thread (a refused frame raises at once and nothing
 is written) and queues it for a single writer thread, which stores frames in batches:
 
-1. take up to ``batch_size`` queued frames, waiting at most ``max_wait_s`` for the batch to fill;
+1. take up to ``batch_size`` queued frames, waiting at most ``max_wait_s`` for each next one;
 2. answer repeats of a frame id within the batch like their first copy;
 3. ask the inbox which frame ids are already stored: those are ``DUPLICATE``, nothing is written;
 4. write the new frames' images to the media store (each fsync'd, a few in parallel: fsync is
@@ -73,7 +73,7 @@ class IngestCore:
         metrics: Counts stored, duplicate and retried frames, batch time and queue depth here;
             transports count what they receive and refuse.
         batch_size: Most frames stored per batch.
-        max_wait_s: How long the writer waits for a batch to fill.
+        max_wait_s: How long the writer waits for the next frame before storing what it has.
         max_queue: Frames that may wait before ``submit`` blocks.
     """
 
@@ -85,7 +85,7 @@ class IngestCore:
         validation: ValidationConfig,
         metrics: ServerMetrics,
         batch_size: int = 64,
-        max_wait_s: float = 0.05,
+        max_wait_s: float = 0.005,
         *,
         max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
@@ -147,11 +147,12 @@ class IngestCore:
             if first is None:
                 break
             batch = [first]
-            deadline = time.monotonic() + self.max_wait_s
+            # Adaptive group commit: keep taking frames while they keep coming (each within
+            # max_wait_s of the previous one), up to batch_size. A burst fills a batch; a lone
+            # frame or the tail of a burst waits max_wait_s at most, not a fixed window.
             while len(batch) < self.batch_size:
-                remaining = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    item = self._queue.get(timeout=self.max_wait_s) if self.max_wait_s > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:

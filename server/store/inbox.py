@@ -50,7 +50,10 @@ class InboxConfig(StrictModel):
     dataset: str = Field("edgeloop-inbox", min_length=1, description="Name of the persistent FiftyOne dataset.")
     batch_size: int = Field(64, ge=1, le=10_000, description="Most frames stored per database round trip.")
     max_wait_s: float = Field(
-        0.05, ge=0, le=5, description="How long the writer waits for more frames to fill a batch (latency cost)."
+        0.005,
+        ge=0,
+        le=5,
+        description="How long the writer waits for the next frame before it stores the batch it has (latency cost).",
     )
 
 

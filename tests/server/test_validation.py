@@ -291,3 +291,30 @@ def test_validation_cost_is_about_one_decode() -> None:
         validate(payload, ANON, devices, cfg)
     per_frame = (time.perf_counter() - start) / n
     assert per_frame < 0.05, f"validation took {per_frame * 1e3:.1f} ms per frame"
+
+
+def test_header_mode_checks_structure_without_decoding():
+    """decode_images='header' still refuses random bytes, other formats, wrong sizes and truncation;
+    only full decoding notices entropy data that is not an image."""
+    from tests.fakes.frames import jpeg, make_frame
+
+    header = ValidationConfig(decode_images="header")
+    good_id, good = make_frame(device="cam")
+    assert validate(good, ANON, AllowAllDevices(), header).frame_id == good_id
+    real = jpeg(64, 48)
+    bad = [
+        make_frame(device="cam", image=b"\x00" * 500)[1],  # not an image at all
+        make_frame(device="cam", image=real[:-60])[1],  # truncated
+        make_frame(device="cam", image=real, width=65)[1],  # header size differs from the declared one
+    ]
+    for payload in bad:
+        with pytest.raises(FrameRejected) as err:
+            validate(payload, ANON, AllowAllDevices(), header)
+        assert err.value.code == RejectCode.BAD_IMAGE
+    sos = real.index(b"\xff\xda")
+    scrambled = real[: sos + 12] + bytes(len(real) - sos - 14) + b"\xff\xd9"  # markers intact, no image data
+    scrambled_frame = make_frame(device="cam", image=scrambled)[1]
+    validate(scrambled_frame, ANON, AllowAllDevices(), header)  # passes the structural check...
+    if cv2.imdecode(np.frombuffer(scrambled, np.uint8), cv2.IMREAD_GRAYSCALE) is None:
+        with pytest.raises(FrameRejected):  # ...while full decoding refuses it where libjpeg gives up
+            validate(scrambled_frame, ANON, AllowAllDevices(), ValidationConfig(decode_images="full"))
