@@ -5,7 +5,7 @@
 #   2. `edgeloop demo`: a server (bundled MongoDB, FiftyOne inbox, gRPC ingest + model registry),
 #      the detector published as release v1, and an edge agent that fetches v1 (signature and
 #      sha256 checked), keeps the uncertain frames and uploads them into the FiftyOne inbox.
-# Add --serve to the last line to keep the FiftyOne App up for review (Ctrl-C to stop).
+# `bash scripts/demo.sh --serve` keeps the FiftyOne App up for review (Ctrl-C to stop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -19,4 +19,6 @@ echo; echo "== 1. dry run: what the agent would keep, and why"
 edgeloop agent score "$IMAGES/val" --model "$MODEL"
 
 echo; echo "== 2. the loop: server + FiftyOne + registry + an edge agent on a camera"
-edgeloop demo --workdir .demo --model "$MODEL" --source "$IMAGES/train" --no-app "$@"
+app=--no-app
+for arg in "$@"; do [ "$arg" = --serve ] && app=--app; done  # serving is for reviewing in the App
+edgeloop demo --workdir .demo --model "$MODEL" --source "$IMAGES/train" "$app" "$@"
