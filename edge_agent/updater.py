@@ -46,6 +46,7 @@ from edge_agent.transports.base import TLSConfig
 from edgeloop import topics
 from edgeloop.config_base import StrictModel
 from edgeloop.releases import ReleaseVerificationError, load_public_key, verify_artifact, verify_release
+from edgeloop.tls import client_ssl_context
 from edgeloop.v1 import models_pb2, models_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -409,11 +410,7 @@ class _ReleaseWatcher:
         if config.username:
             self._client.username_pw_set(config.username, config.password)
         if config.tls is not None:
-            self._client.tls_set(
-                ca_certs=str(config.tls.ca_file),
-                certfile=str(config.tls.cert_file) if config.tls.cert_file else None,
-                keyfile=str(config.tls.key_file) if config.tls.key_file else None,
-            )
+            self._client.tls_set_context(client_ssl_context(config.tls))
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._config = config

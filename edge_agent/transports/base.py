@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import ClassVar
-
-from pydantic import Field
 
 from edgeloop.config_base import StrictModel
 from edgeloop.domain import Ack
+from edgeloop.tls import TLSConfig  # noqa: F401 - re-exported: transports' configs use it
 from edgeloop.v1 import frames_pb2
 
 
@@ -31,18 +29,6 @@ class TransportError(Exception):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
-
-
-class TLSConfig(StrictModel):
-    """TLS for a transport. With only ``ca_file`` the server is verified; add ``cert_file`` and
-    ``key_file`` for mutual TLS (the server then knows the device by its certificate)."""
-
-    ca_file: Path = Field(description="PEM bundle of the CA(s) that signed the server's certificate.")
-    cert_file: Path | None = Field(default=None, description="This device's client certificate (PEM).")
-    key_file: Path | None = Field(default=None, description="The private key of cert_file (PEM).")
-    server_name: str | None = Field(
-        default=None, description="Expected name in the server certificate when it differs from the host."
-    )
 
 
 class Transport(abc.ABC):

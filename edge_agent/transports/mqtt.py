@@ -27,7 +27,6 @@ in-memory queue from growing during an outage.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from edgeloop import topics
 from edgeloop.config_base import StrictModel
 from edgeloop.convert import ack_from_pb
 from edgeloop.domain import Ack
+from edgeloop.tls import TLSError, client_ssl_context
 from edgeloop.v1 import frames_pb2
 
 logger = logging.getLogger(__name__)
@@ -103,36 +103,6 @@ class MqttTransportConfig(StrictModel):
     )
 
 
-class _ServerNameContext(ssl.SSLContext):
-    """An SSLContext that verifies the certificate against ``server_name`` instead of the host.
-
-    paho passes the host it connects to as ``server_hostname``; this override is the one place
-    to verify against another name (the gRPC transport's ``ssl_target_name_override``).
-    """
-
-    server_name: str
-
-    def wrap_socket(self, sock, *args, server_hostname=None, **kwargs):  # type: ignore[override]
-        return super().wrap_socket(sock, *args, server_hostname=self.server_name, **kwargs)
-
-
-def _ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    if (tls.cert_file is None) != (tls.key_file is None):
-        raise TransportError("TLS: cert_file and key_file go together (mutual TLS needs both)")
-    if tls.server_name:
-        ctx: ssl.SSLContext = _ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.server_name = tls.server_name  # type: ignore[attr-defined]
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
-    try:
-        ctx.load_verify_locations(cafile=str(tls.ca_file))
-        if tls.cert_file is not None:
-            ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
-    except (OSError, ssl.SSLError) as err:
-        raise TransportError(f"cannot load TLS files ({tls.ca_file}, {tls.cert_file}): {err}") from err
-    return ctx
-
-
 class MqttTransport(Transport):
     """Publishes frames and heartbeats, collects the receiver's acks; see the module docstring.
 
@@ -177,7 +147,10 @@ class MqttTransport(Transport):
             password = config.password.get_secret_value() if config.password is not None else None
             client.username_pw_set(config.username, password)
         if config.tls is not None:
-            client.tls_set_context(_ssl_context(config.tls))
+            try:
+                client.tls_set_context(client_ssl_context(config.tls))
+            except TLSError as err:
+                raise TransportError(str(err)) from err
         client.connect_timeout = config.connect_timeout_s
         client.reconnect_delay_set(config.reconnect_min_delay_s, config.reconnect_max_delay_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(config.max_inflight)

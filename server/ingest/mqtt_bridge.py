@@ -71,6 +71,7 @@ from edgeloop import topics
 from edgeloop.config_base import ConfigError, StrictModel
 from edgeloop.convert import ack_to_pb, device_status_from_pb, peek_frame_id
 from edgeloop.domain import Ack, AckStatus
+from edgeloop.tls import TLSError, client_ssl_context
 from edgeloop.v1 import frames_pb2
 from server.ingest.base import AllowAllDevices, DeviceDirectory, FrameRejected, Identity, Ingestor, RejectCode
 from server.ingest.heartbeats import HeartbeatStore
@@ -152,33 +153,6 @@ class MqttBridgeConfig(StrictModel):
     )
 
 
-class _ServerNameContext(ssl.SSLContext):
-    """Verifies the broker's certificate against ``server_name`` instead of the host dialled."""
-
-    server_name: str
-
-    def wrap_socket(self, sock, *args, server_hostname=None, **kwargs):  # type: ignore[override]
-        return super().wrap_socket(sock, *args, server_hostname=self.server_name, **kwargs)
-
-
-def _ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    if (tls.cert_file is None) != (tls.key_file is None):
-        raise ConfigError("MQTT bridge TLS: cert_file and key_file go together")
-    ctx: ssl.SSLContext
-    if tls.server_name:
-        ctx = _ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.server_name = tls.server_name  # type: ignore[attr-defined]
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        ctx.load_verify_locations(cafile=str(tls.ca_file))
-        if tls.cert_file is not None:
-            ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
-    except (OSError, ssl.SSLError) as err:
-        raise ConfigError(f"MQTT bridge cannot load TLS files ({tls.ca_file}, {tls.cert_file}): {err}") from err
-    return ctx
-
-
 class _Client:
     """One paho connection of the bridge and what the bridge tracks about it."""
 
@@ -252,7 +226,7 @@ class MqttBridge:
             self._started = True
             self._stopping = False
         cfg = self.config
-        tls_context = _ssl_context(cfg.tls) if cfg.tls is not None else None
+        tls_context = _bridge_ssl_context(cfg.tls) if cfg.tls is not None else None
         for client_id in self.client_ids:
             bc = _Client(self._make_paho(client_id, tls_context), client_id)
             props = Properties(PacketTypes.CONNECT)
@@ -326,7 +300,7 @@ class MqttBridge:
             ConnectionError: a session could not be ended (broker unreachable or refusing).
         """
         cfg = self.config
-        tls_context = _ssl_context(cfg.tls) if cfg.tls is not None else None
+        tls_context = _bridge_ssl_context(cfg.tls) if cfg.tls is not None else None
         for client_id in client_ids if client_ids is not None else self.client_ids:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
             if cfg.username is not None:
@@ -581,3 +555,10 @@ class MqttBridge:
         """Frames handed to the core and not yet acknowledged."""
         with self._cond:
             return self._pending
+
+
+def _bridge_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    try:
+        return client_ssl_context(tls)
+    except TLSError as err:
+        raise ConfigError(f"MQTT bridge: {err}") from err

@@ -22,7 +22,6 @@ messages (no persistence) while it was away.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from typing import Literal
@@ -34,6 +33,7 @@ from pydantic import Field, SecretStr
 from edge_agent.transports.base import TLSConfig
 from edgeloop import topics
 from edgeloop.config_base import StrictModel
+from edgeloop.tls import TLSError, client_ssl_context
 from server.registry.store import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -80,32 +80,6 @@ def release_messages(registry: ModelRegistry, prefix: str) -> dict[str, bytes]:
     return out
 
 
-class _ServerNameContext(ssl.SSLContext):
-    """Verifies the broker's certificate against ``server_name`` instead of the host connected to."""
-
-    server_name: str
-
-    def wrap_socket(self, sock, *args, server_hostname=None, **kwargs):  # type: ignore[override]
-        return super().wrap_socket(sock, *args, server_hostname=self.server_name, **kwargs)
-
-
-def _ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    if (tls.cert_file is None) != (tls.key_file is None):
-        raise AnnounceError("TLS: cert_file and key_file go together (mutual TLS needs both)")
-    if tls.server_name:
-        ctx: ssl.SSLContext = _ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.server_name = tls.server_name  # type: ignore[attr-defined]
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
-    try:
-        ctx.load_verify_locations(cafile=str(tls.ca_file))
-        if tls.cert_file is not None:
-            ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
-    except (OSError, ssl.SSLError) as err:
-        raise AnnounceError(f"cannot load TLS files ({tls.ca_file}, {tls.cert_file}): {err}") from err
-    return ctx
-
-
 class ReleaseAnnouncer:
     """Keeps the broker's retained release messages equal to the registry's state (see the module docstring).
 
@@ -141,7 +115,10 @@ class ReleaseAnnouncer:
             password = config.password.get_secret_value() if config.password is not None else None
             client.username_pw_set(config.username, password)
         if config.tls is not None:
-            client.tls_set_context(_ssl_context(config.tls))
+            try:
+                client.tls_set_context(client_ssl_context(config.tls))
+            except TLSError as err:
+                raise AnnounceError(str(err)) from err
         client.connect_timeout = config.connect_timeout_s
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
