@@ -1,31 +1,35 @@
 """The ingest core: the one validation and storage path behind every transport.
 
 ``submit`` validates a frame in the caller's thread (a refused frame raises at once and nothing
-is written) and queues it for a single writer thread, which stores frames in batches:
+is written) and queues it. Two threads store frames in batches, as a pipeline (while one batch's
+samples are inserted, the next batch's images are written):
 
-1. take up to ``batch_size`` queued frames, waiting at most ``max_wait_s`` for each next one;
-2. answer repeats of a frame id within the batch like their first copy;
-3. ask the inbox which frame ids are already stored: those are ``DUPLICATE``, nothing is written;
-4. write the new frames' images to the media store (each fsync'd, a few in parallel: fsync is
-   I/O, not CPU);
-5. insert all their samples in one ``insert_many``, journaled before it returns;
-6. resolve each frame's future: ``STORED``, ``DUPLICATE``, or ``RETRY`` when the database (or
-   the media store) failed; the writer logs and carries on with the next batch.
+the media thread
+  1. takes up to ``batch_size`` queued frames, waiting at most ``max_wait_s`` for each next one;
+  2. answers repeats of a frame id within the batch like their first copy;
+  3. asks the inbox which frame ids are already stored: those are ``DUPLICATE``, nothing is written;
+  4. writes the new frames' images to the media store with one group commit (``put_many``);
+  5. hands the batch to the database thread (at most one batch waits between the two);
 
-Why an acknowledgement means durable: a future resolves ``STORED`` only after step 5 returned,
-and step 5 returns only after MongoDB journaled the sample (write concern ``j: true``, see
-``server.store.mongo``), which starts only after step 4's ``put`` returned, i.e. after the image
-file and its folder were fsync'd. ``DUPLICATE`` is answered only for a frame id whose sample is
-in the database, and a sample is only ever inserted after its image was durable. A crash
+the database thread
+  6. inserts all their samples in one ``insert_many``, journaled before it returns;
+  7. resolves each frame's future: ``STORED``, ``DUPLICATE``, or ``RETRY`` when the database (or
+     the media store) failed; both threads log and carry on with the next batch.
+
+Why an acknowledgement means durable: a future resolves ``STORED`` only after step 6 returned,
+and step 6 returns only after MongoDB journaled the sample (write concern ``j: true``, see
+``server.store.mongo``), which starts only after step 4's ``put_many`` returned, i.e. after the
+image files and their names were flushed to disk (``syncfs``). ``DUPLICATE`` is answered only
+for a frame id whose sample is in the database, and a sample is only ever inserted after its image was durable. A crash
 (``kill -9``, power cut) at any point therefore leaves, for each frame, either nothing, an image
 file without a sample (the agent gets no ack, resends, and the same file is rewritten), or both
 -- never a sample without its image -- and a resent frame id is stored once (the inbox skips
-stored ids and its unique index stops a racing second writer).
+stored ids, and its unique index stops the copy of an id that the media thread let through
+while the database thread was still inserting its first copy).
 
-Throughput, measured on the 2-core CI machine with ~47 KB JPEGs and 5 detections, submitting
-2,000 frames from one thread: 490-670 frames/s with batches of 64 against 160-230 frames/s with
-batches of 1. The fsync'd media writes dominate a batch (~1.3-2 ms per file sequentially; the
-parallel writes gain ~10-40 %); the database insert costs ~0.1-0.25 ms per sample.
+Throughput: see ``bench/ingest.py`` and docs/benchmarks.md. Per-file fsyncs used to dominate
+(~1.3-2 ms per file); the group commit costs ~0.4 ms per 100 KB frame, the journaled insert
+~0.1-0.25 ms per sample, and full image validation (in ``submit``) ~1 ms per 640x480 JPEG.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pymongo.errors import PyMongoError
@@ -53,13 +57,24 @@ logger = logging.getLogger(__name__)
 
 #: Frames that may wait for the writer; ``submit`` blocks beyond this (back-pressure on transports).
 DEFAULT_MAX_QUEUE = 4096
-#: Parallel media writes per batch.
 
 
 @dataclass(slots=True)
 class _Pending:
     record: FrameRecord
     future: Future[Ack]
+
+
+@dataclass
+class _Prepared:
+    """A batch between the two stages: its images are durable (or failed), its samples not yet written."""
+
+    batch: Sequence[_Pending]
+    started: float
+    first: dict[str, _Pending] = field(default_factory=dict)
+    repeats: list[_Pending] = field(default_factory=list)
+    acks: dict[str, Ack] = field(default_factory=dict)
+    written: list[tuple[FrameRecord, Path]] = field(default_factory=list)
 
 
 class IngestCore:
@@ -101,8 +116,12 @@ class IngestCore:
         self._queue: queue.Queue[_Pending | None] = queue.Queue(max_queue)
         self._lock = threading.Lock()
         self._closed = False
-        self._writer = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        # One batch may wait between the stages: enough to overlap them, and back-pressure beyond.
+        self._handoff: queue.Queue[_Prepared | None] = queue.Queue(maxsize=1)
+        self._writer = threading.Thread(target=self._run, name="ingest-media", daemon=True)
+        self._committer = threading.Thread(target=self._commit_loop, name="ingest-db", daemon=True)
         self._writer.start()
+        self._committer.start()
 
     def submit(self, payload: bytes, identity: Identity) -> Future[Ack]:
         """Validate now, store later; see :meth:`server.ingest.base.Ingestor.submit`.
@@ -128,9 +147,11 @@ class IngestCore:
                 return
             self._closed = True
             self._queue.put(None)
-        self._writer.join(timeout)
-        if self._writer.is_alive():
-            logger.error("the ingest writer did not finish within %s s", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in (self._writer, self._committer):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.error("the ingest thread %s did not finish within %s s", thread.name, timeout)
 
     def __enter__(self) -> IngestCore:
         return self
@@ -161,24 +182,64 @@ class IngestCore:
                 batch.append(item)
             self.metrics.queue_depth.dec(len(batch))
             try:
-                self._store(batch)
+                self._handoff.put(self._prepare(batch))
             except Exception as err:
                 logger.exception("storing a batch of %d frames failed", len(batch))
                 self._resolve_unresolved(batch, f"storage error: {err}; retry later")
+        self._handoff.put(None)
 
-    def _store(self, batch: Sequence[_Pending]) -> None:
-        started = time.perf_counter()
-        first: dict[str, _Pending] = {}
-        repeats: list[_Pending] = []
+    def _commit_loop(self) -> None:
+        while (prepared := self._handoff.get()) is not None:
+            try:
+                self._commit(prepared)
+            except Exception as err:
+                logger.exception("storing a batch of %d frames failed", len(prepared.batch))
+                self._resolve_unresolved(prepared.batch, f"storage error: {err}; retry later")
+
+    def _prepare(self, batch: Sequence[_Pending]) -> _Prepared:
+        """Steps 2-4 (the media thread): sort out repeats and stored ids, write the new images."""
+        prepared = _Prepared(batch=batch, started=time.perf_counter())
         for item in batch:
-            if item.record.frame_id in first:
-                repeats.append(item)
+            if item.record.frame_id in prepared.first:
+                prepared.repeats.append(item)
             else:
-                first[item.record.frame_id] = item
-        acks = self._write(first)
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        answers = [(item, acks[fid]) for fid, item in first.items()]
-        for item in repeats:
+                prepared.first[item.record.frame_id] = item
+        try:
+            existing = self.inbox.existing_ids(prepared.first)
+        except PyMongoError as err:
+            logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(prepared.first), err)
+            prepared.acks = {fid: _retry(fid, err) for fid in prepared.first}
+            return prepared
+        for fid in existing:
+            prepared.acks[fid] = Ack(fid, AckStatus.DUPLICATE, "already stored")
+        new = [item.record for fid, item in prepared.first.items() if fid not in existing]
+        for record, result in zip(new, self._put_media(new), strict=True):
+            if isinstance(result, Exception):
+                logger.error("media store failed for frame %s: %s", record.frame_id, result)
+                prepared.acks[record.frame_id] = Ack(record.frame_id, AckStatus.RETRY, f"media store failed: {result}")
+            else:
+                prepared.written.append((record, result))
+        return prepared
+
+    def _commit(self, prepared: _Prepared) -> None:
+        """Steps 6-7 (the database thread): insert the samples of durable images, answer every frame."""
+        acks = prepared.acks
+        # Only now, with every image durable, may their samples exist.
+        if prepared.written:
+            try:
+                stored, duplicates = self.inbox.add_records(prepared.written)
+            except PyMongoError as err:
+                logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(prepared.written), err)
+                stored, duplicates = [], []
+                for record, _ in prepared.written:
+                    acks[record.frame_id] = _retry(record.frame_id, err)
+            for fid in stored:
+                acks[fid] = Ack(fid, AckStatus.STORED, "stored")
+            for fid in duplicates:
+                acks[fid] = Ack(fid, AckStatus.DUPLICATE, "already stored")
+        self.metrics.batch_seconds.observe(time.perf_counter() - prepared.started)
+        answers = [(item, acks[fid]) for fid, item in prepared.first.items()]
+        for item in prepared.repeats:
             ack = acks[item.record.frame_id]
             # A repeat is a duplicate of its first copy once that is durable, else shares its fate.
             answers.append((item, Ack(ack.frame_id, AckStatus.DUPLICATE, "sent twice") if ack.durable else ack))
@@ -188,40 +249,6 @@ class IngestCore:
         self.metrics.frames_stored.inc(counts[AckStatus.STORED])
         self.metrics.frames_duplicate.inc(counts[AckStatus.DUPLICATE])
         self.metrics.frames_retry.inc(counts[AckStatus.RETRY])
-
-    def _write(self, frames: dict[str, _Pending]) -> dict[str, Ack]:
-        """Store the batch's distinct frames; returns every frame's ack."""
-        acks: dict[str, Ack] = {}
-        try:
-            existing = self.inbox.existing_ids(frames)
-        except PyMongoError as err:
-            logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(frames), err)
-            return {fid: _retry(fid, err) for fid in frames}
-        for fid in existing:
-            acks[fid] = Ack(fid, AckStatus.DUPLICATE, "already stored")
-        new = [item.record for fid, item in frames.items() if fid not in existing]
-        written: list[tuple[FrameRecord, Path]] = []
-        for record, result in zip(new, self._put_media(new), strict=True):
-            if isinstance(result, Exception):
-                logger.error("media store failed for frame %s: %s", record.frame_id, result)
-                acks[record.frame_id] = Ack(record.frame_id, AckStatus.RETRY, f"media store failed: {result}")
-            else:
-                written.append((record, result))
-        if not written:
-            return acks
-        # Only now, with every image durable, may their samples exist.
-        try:
-            stored, duplicates = self.inbox.add_records(written)
-        except PyMongoError as err:
-            logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(written), err)
-            for record, _ in written:
-                acks[record.frame_id] = _retry(record.frame_id, err)
-            return acks
-        for fid in stored:
-            acks[fid] = Ack(fid, AckStatus.STORED, "stored")
-        for fid in duplicates:
-            acks[fid] = Ack(fid, AckStatus.DUPLICATE, "already stored")
-        return acks
 
     def _put_media(self, records: Sequence[FrameRecord]) -> list[Path | Exception]:
         # One group commit for the whole batch (see LocalMediaStore.put_many): per-file fsyncs
