@@ -215,12 +215,16 @@ def main() -> None:
     rows = [
         ("gRPC, no-op receiver", med["grpc_noop"], "1.000"),
         (
-            "gRPC, stored (validate + fsync'd media + journaled FiftyOne insert)",
+            f"gRPC, stored (validation with decode_images={args.decode}, group-committed media, journaled insert)",
             med["grpc"],
             f"{med['grpc'] / med['grpc_noop']:.3f}",
         ),
         ("MQTT via Mosquitto, no-op receiver", med["mqtt_noop"], "1.000"),
-        ("MQTT via Mosquitto, stored", med["mqtt"], f"{med['mqtt'] / med['mqtt_noop']:.3f}"),
+        (
+            f"MQTT via Mosquitto, stored (decode_images={args.decode})",
+            med["mqtt"],
+            f"{med['mqtt'] / med['mqtt_noop']:.3f}",
+        ),
         ("FiftyOne inbox alone (add_records, batches of 64)", med["fiftyone"], "-"),
     ]
     table = (
