@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.fiftyone_db"]
+pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.fiftyone_db", "tests.fixtures.ultralytics_offline"]

@@ -18,10 +18,8 @@ frame it processes is labelled with a release version.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
-import shutil
 import threading
 import time
 from collections import defaultdict
@@ -37,6 +35,7 @@ from edgeloop.v1 import frames_pb2
 from server.registry.store import ModelRegistry, RegistryConfig
 from tests.edge_agent.test_updater import make_hollow_model, serve_registry, sha256, write_public_key
 from tests.fakes.receivers import GrpcTestReceiver
+from tests.fixtures.ultralytics_offline import export_coco_onnx
 from tests.server.test_registry import with_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,25 +56,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def float_export(tmp_path_factory) -> Path:
+def float_export(tmp_path_factory, ultralytics_offline) -> Path:
     """A fresh ultralytics ONNX export (float, imgsz 320) of the shared COCO checkpoint, made offline."""
-    config_dir = tmp_path_factory.mktemp("yolo-config")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("YOLO_OFFLINE", "1")
-        mp.setenv("YOLO_AUTOINSTALL", "0")
-        mp.setenv("YOLO_CONFIG_DIR", str(config_dir))
-        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("mpl-config")))
-        mpl = importlib.util.find_spec("matplotlib")
-        if mpl is not None and mpl.origin:
-            font = Path(mpl.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-            if font.is_file():  # ultralytics looks for Arial and would fetch it from GitHub
-                (config_dir / "Ultralytics").mkdir(parents=True, exist_ok=True)
-                shutil.copy(font, config_dir / "Ultralytics" / "Arial.ttf")
-        ultralytics = pytest.importorskip("ultralytics", reason="ultralytics not installed (train extra)")
-        work = tmp_path_factory.mktemp("export")
-        pt = work / COCO_PT.name  # export writes beside its input: keep ../shared untouched
-        shutil.copy(COCO_PT, pt)
-        return Path(ultralytics.YOLO(str(pt)).export(format="onnx", imgsz=320, device="cpu"))
+    return export_coco_onnx(ultralytics_offline, tmp_path_factory.mktemp("export"), imgsz=320)
 
 
 def _agent_config(tmp_path: Path, receiver: GrpcTestReceiver, registry_target: str, public_key: Path) -> AgentConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,7 @@ from edgeloop.synth import (
 )
 from edgeloop.synth import scenes as scenes_mod
 from edgeloop.synth.cli import synth_command
+from flows.training.offline import offline_environment
 
 # Small frames keep the suite fast; the renderer has no special case for any size.
 SMALL = {"width": 320, "height": 240}
@@ -474,20 +474,8 @@ def test_cli_help_names_scenarios(cli):
 @pytest.mark.slow
 def test_ultralytics_trains_one_epoch_on_a_generated_set(tmp_path):
     pytest.importorskip("ultralytics")
-    matplotlib = pytest.importorskip("matplotlib")
     data_yaml = write_dataset(tmp_path / "ds", small(width=128, height=96), n=16, seed=0, val_fraction=0.25)
-    cfg = tmp_path / "yolo"
-    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    (cfg / "Ultralytics").mkdir(parents=True)
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):  # else ultralytics tries github.com for a font
-        shutil.copy(font, cfg / "Ultralytics" / name)
-    env = {
-        **os.environ,
-        "YOLO_OFFLINE": "1",
-        "YOLO_AUTOINSTALL": "0",
-        "YOLO_CONFIG_DIR": str(cfg),
-        "MPLCONFIGDIR": str(tmp_path / "mpl"),
-    }
+    env = {**os.environ, **offline_environment(tmp_path / "state")}
     # A fresh process: ultralytics reads its settings directory once, at import.
     script = textwrap.dedent(f"""
         from ultralytics import YOLO

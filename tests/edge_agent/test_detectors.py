@@ -3,7 +3,6 @@ shared YOLO pre/post-processing on synthetic arrays, error handling, TensorRT wh
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -91,24 +90,9 @@ def ort_coco_detector(coco_int8_onnx: Path):
 
 
 @pytest.fixture(scope="session")
-def offline_ultralytics(tmp_path_factory):
+def offline_ultralytics(ultralytics_offline):
     """``ultralytics.YOLO``, imported with the offline settings from the setup notes (no network, no pip)."""
-    config_dir = tmp_path_factory.mktemp("yolo-config")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("YOLO_OFFLINE", "1")
-        mp.setenv("YOLO_AUTOINSTALL", "0")
-        mp.setenv("YOLO_CONFIG_DIR", str(config_dir))
-        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("mpl-config")))
-        # Plotting code asks for Arial and would fetch it from GitHub; any TTF satisfies the check.
-        mpl = importlib.util.find_spec("matplotlib")
-        if mpl is not None and mpl.origin:
-            font = Path(mpl.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-            if font.is_file():
-                (config_dir / "Ultralytics").mkdir(parents=True, exist_ok=True)
-                for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-                    shutil.copy(font, config_dir / "Ultralytics" / name)
-        ultralytics = pytest.importorskip("ultralytics", reason="ultralytics not installed (train extra)")
-        yield ultralytics.YOLO
+    return ultralytics_offline.YOLO
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ bytes (and sha256) differ. gRPC and MQTT tests run a real server and a real Mosq
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import queue
-import shutil
 import stat
 import subprocess
 import sys
@@ -45,6 +43,7 @@ from server.registry.store import (
     UnknownVersionError,
 )
 from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.ultralytics_offline import export_coco_onnx
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 INT8_ONNX = SHARED / "models" / "yolov8n_int8.onnx"
@@ -209,27 +208,11 @@ def test_publish_refuses_files_that_are_not_yolo_detect_exports(
 
 
 @pytest.mark.slow
-def test_publish_reads_class_names_and_imgsz_of_a_fresh_export(registry: ModelRegistry, tmp_path_factory):
+def test_publish_reads_class_names_and_imgsz_of_a_fresh_export(
+    registry: ModelRegistry, tmp_path_factory, ultralytics_offline
+):
     """A real ultralytics export at imgsz 64 from the shared checkpoint: the registry reads 64, not 640."""
-    if not COCO_PT.is_file():
-        pytest.skip(f"{COCO_PT} (shared checkpoint) not found")
-    config_dir = tmp_path_factory.mktemp("yolo-config")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("YOLO_OFFLINE", "1")
-        mp.setenv("YOLO_AUTOINSTALL", "0")
-        mp.setenv("YOLO_CONFIG_DIR", str(config_dir))
-        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("mpl-config")))
-        mpl = importlib.util.find_spec("matplotlib")
-        if mpl is not None and mpl.origin:
-            font = Path(mpl.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-            if font.is_file():  # ultralytics looks for Arial and would fetch it from GitHub
-                (config_dir / "Ultralytics").mkdir(parents=True, exist_ok=True)
-                shutil.copy(font, config_dir / "Ultralytics" / "Arial.ttf")
-        ultralytics = pytest.importorskip("ultralytics", reason="ultralytics not installed (train extra)")
-        work = tmp_path_factory.mktemp("export")
-        pt = work / COCO_PT.name  # export writes beside its input: keep ../shared untouched
-        shutil.copy(COCO_PT, pt)
-        onnx_path = Path(ultralytics.YOLO(str(pt)).export(format="onnx", imgsz=64, device="cpu"))
+    onnx_path = export_coco_onnx(ultralytics_offline, tmp_path_factory.mktemp("export"), imgsz=64)
     v = registry.publish(onnx_path, params={"imgsz": 64})
     assert v.imgsz == 64 and len(v.class_names) == 80 and v.class_names[0] == "person"
     registry.verify(v.version)

@@ -1,0 +1,2 @@
+"""The ultralytics side of training: offline settings, and (next milestone) training, evaluation
+and export wrappers."""
