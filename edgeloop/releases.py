@@ -42,6 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeloop.durable import fsync_dir
 from edgeloop.v1 import models_pb2
 
 #: Domain-separation prefix: a signature over a release can never be mistaken for one over anything else.
@@ -189,7 +190,7 @@ def generate_signing_key(path: Path) -> Ed25519PrivateKey:
         os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return key
 
 
@@ -246,12 +247,3 @@ def key_fingerprint(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or link in ``path`` durable (the directory entry is data too)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -73,6 +73,7 @@ from pydantic import Field, field_validator
 
 from edgeloop import topics
 from edgeloop.config_base import StrictModel
+from edgeloop.durable import write_atomic
 
 if TYPE_CHECKING:
     import grpc
@@ -319,35 +320,6 @@ def verify_mosquitto_hash(encoded: str, password: str) -> bool:
 
 
 # -- files ----------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o644, gid: int | None = None) -> None:
-    """Write ``path`` so readers see the old or the new content, never a mix: temp file, fsync, rename."""
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fchmod(f.fileno(), mode)  # the umask may have narrowed the mode given to open()
-            if gid is not None:
-                os.fchown(f.fileno(), -1, gid)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _utcnow() -> dt.datetime:

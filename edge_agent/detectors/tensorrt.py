@@ -17,11 +17,8 @@ parses float or Q/DQ models, not ORT's dynamic int8 operators.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +29,7 @@ from pydantic import Field
 from edge_agent.detectors import yolo
 from edge_agent.detectors.base import Detector, DetectorError, register
 from edgeloop.domain import Detection
+from edgeloop.durable import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -85,27 +83,6 @@ def _import_tensorrt() -> Any:
     if not hasattr(trt.IExecutionContext, "execute_async_v3"):
         raise DetectorError(f"TensorRT {trt.__version__} is too old: this backend needs >= 8.6")
     return trt
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, even after power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 class _CudaPython:
@@ -280,7 +257,7 @@ class TensorRTDetector(Detector):
         blob = self._build(trt)
         logger.info("built %s in %.0f s", self.engine_path.name, time.monotonic() - start)
         try:
-            _write_atomically(self.engine_path, blob)
+            write_atomic(self.engine_path, blob)
         except OSError as err:
             # Serving beats caching: run the engine from memory and rebuild next start.
             logger.warning("cannot cache the engine at %s (%s); it will be rebuilt next time", self.engine_path, err)

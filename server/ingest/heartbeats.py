@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from edgeloop.domain import DeviceStatus
+from edgeloop.durable import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class HeartbeatStore:
             },
         }
         try:
-            _write_atomically(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
+            write_atomic(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
         except OSError:
             # Heartbeats keep arriving; the next write may succeed (disk full, permissions fixed).
             logger.exception("cannot write heartbeats to %s; they stay in memory", self.path)
@@ -158,19 +158,3 @@ class HeartbeatStore:
             )
             self._latest.clear()
             self._received_at.clear()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # The rename itself is durable only once the directory entry is.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

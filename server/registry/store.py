@@ -48,6 +48,7 @@ from edge_agent.detectors.yolo import parse_ultralytics_metadata, read_onnx_meta
 from edgeloop.config_base import StrictModel
 from edgeloop.convert import release_to_pb
 from edgeloop.domain import Release
+from edgeloop.durable import fsync_dir, write_atomic
 from edgeloop.releases import (
     HASH_CHUNK_BYTES,
     ReleaseVerificationError,
@@ -436,7 +437,7 @@ class ModelRegistry:
                     key = load_private_key(path)
                 else:
                     pub = path.with_name(path.stem + ".pub.pem")
-                    _write_atomic(pub, public_key_pem(key), mode=0o644)
+                    write_atomic(pub, public_key_pem(key), mode=0o644)
                     logger.warning(
                         "created a new release key %s (%s); devices must trust its public key %s",
                         path,
@@ -532,7 +533,7 @@ class ModelRegistry:
                     logger.warning("removing orphaned artifact directory %s", final)
                     shutil.rmtree(final)
                 os.rename(incoming, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 record = ModelVersion(
                     version=version,
                     created=int(self._clock()),
@@ -704,7 +705,7 @@ class ModelRegistry:
             yield state
             state.serial += 1
             data = state.model_dump_json(indent=2).encode("utf-8") + b"\n"
-            _write_atomic(self.state_path, data, mode=0o644)
+            write_atomic(self.state_path, data, mode=0o644)
             self._state, self._state_bytes = RegistryState.model_validate_json(data), data
             self._state_stamp = self._stamp()
 
@@ -757,32 +758,8 @@ def _copy_durably(src: Path, dst: Path) -> tuple[str, int]:
     except OSError as err:
         raise InvalidArtifactError(f"cannot copy {src}: {err}") from err
     os.chmod(dst, 0o444)  # published artifacts never change; their sha256 is signed
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     return digest.hexdigest(), size
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``path`` so a crash leaves the old content or the new, never a mix: temp file, fsync, replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager

@@ -59,6 +59,7 @@ from typing import Protocol
 from pydantic import Field
 
 from edgeloop.config_base import StrictModel
+from edgeloop.durable import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +144,6 @@ def _load_syncfs():
 _syncfs = _load_syncfs() if sys.platform.startswith("linux") else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalMediaStore:
     """A :class:`MediaStore` on a local (or mounted) directory; thread-safe.
 
@@ -186,7 +179,7 @@ class LocalMediaStore:
         """
         path = self._write(frame_id, data, ext, sync=True)
         # The rename is durable only once the folder that holds the new name is synced.
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return path
 
     def put_many(self, items: Sequence[tuple[str, bytes, str]]) -> list[Path | Exception]:
@@ -257,7 +250,7 @@ class LocalMediaStore:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def _create_shards(self) -> None:
@@ -266,7 +259,7 @@ class LocalMediaStore:
             with contextlib.suppress(FileExistsError):
                 (self.root / f"{hi:02x}").mkdir()
         # Unconditionally: folders an earlier process made may not have been synced before it died.
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _ensure_dir(self, path: Path) -> None:
         """Make ``path`` (and missing parents) exist durably: each one's entry synced in its parent.
@@ -286,7 +279,7 @@ class LocalMediaStore:
                 with contextlib.suppress(FileExistsError):  # another process made it meanwhile
                     d.mkdir()
             for parent in dict.fromkeys([d.parent for d in reversed(missing)] + [path.parent]):
-                _fsync_dir(parent)
+                fsync_dir(parent)
             self._known_dirs.add(path)
 
     def _sweep_temp(self) -> None:

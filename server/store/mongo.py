@@ -46,6 +46,7 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import Field
 
 from edgeloop.config_base import StrictModel
+from edgeloop.durable import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -413,12 +414,7 @@ class MongoManager:
         return state if isinstance(state, dict) else {}
 
     def _write_state(self, state: dict) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+        write_atomic(self.state_path, json.dumps(state))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -22,8 +22,9 @@ from edge_agent.detectors import (
     yolo,
 )
 from edge_agent.detectors.onnxruntime import OnnxRuntimeDetector
-from edge_agent.detectors.tensorrt import TensorRTDetector, _write_atomically, engine_cache_key
+from edge_agent.detectors.tensorrt import TensorRTDetector, engine_cache_key
 from edgeloop.domain import Detection
+from edgeloop.durable import write_atomic
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 INT8_ONNX = SHARED / "models" / "yolov8n_int8.onnx"
@@ -392,8 +393,8 @@ def test_engine_cache_key_changes_with_every_input():
 
 def test_engine_cache_write_is_atomic(tmp_path: Path):
     target = tmp_path / "cache" / "model.engine"
-    _write_atomically(target, b"engine v1")
-    _write_atomically(target, b"engine v2")
+    write_atomic(target, b"engine v1")
+    write_atomic(target, b"engine v2")
     assert target.read_bytes() == b"engine v2"
     assert [p.name for p in target.parent.iterdir()] == ["model.engine"]  # no temp files left behind
 
