@@ -4,6 +4,7 @@ the agent's CLI works there (including a real dry run with ONNX Runtime)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -20,8 +21,15 @@ def test_edge_extra_installs_only_what_a_device_needs(tmp_path):
     env_dir = tmp_path / "edge-venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
+    # Build from a clean copy: an in-tree build/ left by an earlier install could carry stale modules.
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", ".edgeloop", ".demo", "__pycache__"),
+    )
     subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-cache-dir", f"{ROOT}[edge]"],
+        [str(py), "-m", "pip", "install", "-q", "--no-cache-dir", f"{src}[edge]"],
         check=True,
         timeout=900,
     )
