@@ -258,8 +258,14 @@ class Agent:
         running one).
         """
         seq = self._next_sequence()
+        if class_names is None:
+            class_names = list(self.detector.class_names)
         verdict = self.scorer.score(
-            frame.source_id, detections, frame.capture_time, image_size=(frame.width, frame.height)
+            frame.source_id,
+            detections,
+            frame.capture_time,
+            image_size=(frame.width, frame.height),
+            class_names=class_names,
         )
         self.metrics.inc("frames_scored")
         if not verdict.keep:
@@ -284,7 +290,7 @@ class Agent:
             uncertainty=verdict.score,
             reasons=list(verdict.reasons),
             source_id=frame.source_id,
-            class_names=list(self.detector.class_names) if class_names is None else class_names,
+            class_names=class_names,
         )
         result = self.outbox.put(record.frame_id, serialize_frame(record), verdict.score)
         self.metrics.inc("frames_evicted", len(result.evicted))

@@ -113,7 +113,11 @@ def score(
         for frame in frames:
             detections = detector.detect(frame.image)
             verdict = scorer.score(
-                frame.source_id, detections, frame.capture_time, image_size=(frame.width, frame.height)
+                frame.source_id,
+                detections,
+                frame.capture_time,
+                image_size=(frame.width, frame.height),
+                class_names=detector.class_names,
             )
             row = {
                 "frame": frame.name,

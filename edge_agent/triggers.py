@@ -368,7 +368,9 @@ def _confidence_band(cfg: ConfidenceBandConfig, frame: _Snapshot) -> Reason | No
     return Reason(Trigger.CONFIDENCE_BAND.value, float(np.clip(scores[i], 0.0, 1.0)), detail)
 
 
-def _margin(cfg: MarginConfig, detections: Sequence[Detection], rows: _ScoreRows) -> Reason | None:
+def _margin(
+    cfg: MarginConfig, detections: Sequence[Detection], rows: _ScoreRows, class_names: Sequence[str] = ()
+) -> Reason | None:
     best: tuple[float, int, int, float] | None = None  # (score, detection index, runner-up class, margin)
     fired = 0
     for idx, scores in rows:
@@ -389,7 +391,8 @@ def _margin(cfg: MarginConfig, detections: Sequence[Detection], rows: _ScoreRows
         return None
     score, i, runner_up_class, margin = best
     more = f" (+{fired - 1} more)" if fired > 1 else ""
-    detail = f"{detections[i].class_name} margin {margin:.2f} over class {runner_up_class}{more}"
+    runner_up = class_names[runner_up_class] if 0 <= runner_up_class < len(class_names) else f"class {runner_up_class}"
+    detail = f"{detections[i].class_name} margin {margin:.2f} over {runner_up}{more}"
     return Reason(Trigger.MARGIN.value, float(np.clip(score, 0.0, 1.0)), detail)
 
 
@@ -590,6 +593,7 @@ class UncertaintyScorer:
         timestamp: float,
         *,
         image_size: tuple[int, int] | None = None,
+        class_names: Sequence[str] = (),
     ) -> Verdict:
         """Score one frame of ``source_id``, then remember it for the frames that follow.
 
@@ -599,6 +603,7 @@ class UncertaintyScorer:
             timestamp: Capture time in seconds; novelty's and flicker's time windows use it.
             image_size: ``(width, height)`` of the frame the boxes refer to; flicker needs it to
                 ignore boxes at the border, and without it does not.
+            class_names: The model's class names, to name the runner-up class in the margin reason.
         """
         cfg = self._config
         history = self._history.get(source_id)
@@ -612,7 +617,7 @@ class UncertaintyScorer:
         if cfg.margin.enabled:
             floor = _floor(cfg.margin.min_confidence, cfg)
             rows[floor] = _class_score_rows(detections, floor)
-            found.append(_margin(cfg.margin, detections, rows[floor]))
+            found.append(_margin(cfg.margin, detections, rows[floor], class_names))
         if cfg.entropy.enabled:
             floor = _floor(cfg.entropy.min_confidence, cfg)
             if floor not in rows:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.request
 import uuid
@@ -275,6 +276,7 @@ def test_bad_input_over_mqtt_is_logged_counted_and_stores_nothing(deployment):
             make_frame(device="cam-mqtt", image=b"\xff\xd8 not a jpeg"),
             make_frame(device="cam-mqtt", boxes=((1, 2, 500, 40),)),
             make_frame(device="cam-mqtt", class_id=7),
+            make_frame(device="cam-mqtt", image=os.urandom(50 << 20)),  # 50 MB: refused unparsed, by its id
         ]
         good = make_frame(device="cam-mqtt")
         for _fid, payload in [*bad, good]:
@@ -285,12 +287,15 @@ def test_bad_input_over_mqtt_is_logged_counted_and_stores_nothing(deployment):
         client.disconnect()
     status = {a.frame_id: a for a in acks}
     assert status[good[0]].status == AckStatus.STORED
-    assert [status[f].status for f, _ in bad] == [AckStatus.REJECTED] * 3
+    assert [status[f].status for f, _ in bad] == [AckStatus.REJECTED] * 4
+    assert status[bad[3][0]].message.startswith("too_large")
     assert len(_samples(d.dataset)) == before + 1
     assert len(_media_files(d)) == files_before + 1
     metrics = urllib.request.urlopen(d.metrics_url, timeout=10).read().decode()
-    for reason in ("malformed", "device_mismatch", "bad_image", "box_outside", "unknown_class"):
-        assert 'transport="mqtt"' in metrics and f'reason="{reason}"' in metrics, reason
+    for reason in ("malformed", "device_mismatch", "bad_image", "box_outside", "unknown_class", "too_large"):
+        pattern = rf'^edgeloop_server_frames_rejected_total{{reason="{reason}",transport="mqtt"}} (\S+)$'
+        line = re.search(pattern, metrics, re.M)
+        assert line and float(line[1]) >= 1, reason
 
 
 def test_access_control_and_revocation(deployment, tmp_path):

@@ -617,3 +617,13 @@ def test_empty_detection_lists_work_with_everything_on() -> None:
     # and an empty frame after a busy one is just a vanish plus a count jump
     vs = feed(scorer, [crowd(4)] * 8 + [[]], t0=10.0)  # median of the last 10 counts: 4
     assert vs[-1].triggers == ["flicker", "count_jump"]
+
+
+def test_margin_reason_names_the_runner_up_class_when_names_are_given():
+    scores = np.array([0.45, 0.40, 0.01], np.float32)
+    det = Detection((10.0, 10.0, 50.0, 50.0), 0, "dog", 0.45, scores)
+    cfg = TriggersConfig(margin={"enabled": True, "max_margin": 0.15})
+    named = UncertaintyScorer(cfg, seed=0).score("cam", [det], 0.0, class_names=["dog", "cat", "cow"])
+    unnamed = UncertaintyScorer(cfg, seed=0).score("cam", [det], 0.0)
+    assert next(r.detail for r in named.reasons if r.trigger == "margin").startswith("dog margin 0.05 over cat")
+    assert "over class 1" in next(r.detail for r in unnamed.reasons if r.trigger == "margin")
