@@ -69,7 +69,7 @@ def make_payloads(n: int, seed: str = "") -> list[tuple[str, bytes]]:
 
 
 def send_all(transport, payloads: list[tuple[str, bytes]]) -> float:
-    """Send everything in batches until every frame is acknowledged; returns frames/s."""
+    """Send everything in batches until every frame is acknowledged; returns the seconds it took."""
     pending = dict(payloads)
     t0 = time.perf_counter()
     while pending:
@@ -77,11 +77,11 @@ def send_all(transport, payloads: list[tuple[str, bytes]]) -> float:
         for ack in transport.send(batch):
             if ack.durable:
                 pending.pop(ack.frame_id, None)
-    return len(payloads) / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
-def _client(kind: str, port: int, n: int, seed: str, out: mp.Queue) -> None:
-    """The device side, in its own process as in a deployment (the agent runs elsewhere)."""
+def _client(kind: str, port: int, n: int, seed: str, ready, go, out) -> None:
+    """One device, in its own process as in a deployment (agents run elsewhere)."""
     payloads = make_payloads(n, seed)
     if kind == "grpc":
         from edge_agent.transports.grpc import GrpcTransport, GrpcTransportConfig
@@ -92,22 +92,34 @@ def _client(kind: str, port: int, n: int, seed: str, out: mp.Queue) -> None:
 
         transport = MqttTransport(MqttTransportConfig(port=port, ack_timeout_s=30, client_id=f"agent-{seed}"), DEVICE)
     try:
+        ready.put(seed)
+        go.wait()  # every device starts sending at once
         out.put(send_all(transport, payloads))
     finally:
         transport.close()
 
 
-def run_client(kind: str, port: int, n: int) -> float:
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no threads or sockets inherited from the server
-    out = ctx.Queue()
-    proc = ctx.Process(target=_client, args=(kind, port, n, uuid.uuid4().hex[:8], out))
-    proc.start()
-    fps = out.get(timeout=600)
-    proc.join(60)
-    return fps
+def run_clients(kind: str, port: int, n: int, clients: int) -> float:
+    """``clients`` devices send ``n`` frames between them; returns frames/s over the slowest one's time."""
+    ctx = mp.get_context("spawn")  # fresh interpreters: no threads or sockets inherited from the server
+    ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    per = n // clients
+    procs = [
+        ctx.Process(target=_client, args=(kind, port, per, uuid.uuid4().hex[:8], ready, go, out))
+        for _ in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.get(timeout=600)
+    go.set()
+    elapsed = [out.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    return per * clients / max(elapsed)
 
 
-def grpc_round(ingestor, n: int) -> float:
+def grpc_round(ingestor, n: int, clients: int) -> float:
     from server.ingest.grpc_service import GrpcServerConfig, IngestServicer, build_grpc_server
     from server.ingest.heartbeats import HeartbeatStore
     from server.metrics import ServerMetrics
@@ -116,12 +128,12 @@ def grpc_round(ingestor, n: int) -> float:
     server, port = build_grpc_server(GrpcServerConfig(port=0), [servicer.add_to_server])
     server.start()
     try:
-        return run_client("grpc", port, n)
+        return run_clients("grpc", port, n, clients)
     finally:
         server.stop(1).wait()
 
 
-def mqtt_round(ingestor, n: int, broker) -> float:
+def mqtt_round(ingestor, n: int, broker, clients: int) -> float:
     from server.ingest.heartbeats import HeartbeatStore
     from server.ingest.mqtt_bridge import MqttBridge, MqttBridgeConfig
     from server.metrics import ServerMetrics
@@ -135,7 +147,7 @@ def mqtt_round(ingestor, n: int, broker) -> float:
     ).start()
     bridge.wait_ready(10)
     try:
-        return run_client("mqtt", broker.port, n)
+        return run_clients("mqtt", broker.port, n, clients)
     finally:
         bridge.stop()
 
@@ -144,6 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=1, help="devices sending at once, each in its own process")
     ap.add_argument(
         "--decode", choices=["full", "header"], default="full", help="validation.decode_images of the stored path"
     )
@@ -194,10 +207,10 @@ def main() -> None:
         try:
             for r in range(args.repeats):
                 # Each client makes new frame ids: every round stores, none is a duplicate.
-                results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames))
-                results["grpc"].append(grpc_round(real_core(), args.frames))
-                results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker))
-                results["mqtt"].append(mqtt_round(real_core(), args.frames, broker))
+                results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames, args.clients))
+                results["grpc"].append(grpc_round(real_core(), args.frames, args.clients))
+                results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker, args.clients))
+                results["mqtt"].append(mqtt_round(real_core(), args.frames, broker, args.clients))
                 inbox = Inbox(InboxConfig(dataset=f"bench-fo-{uuid.uuid4().hex[:8]}"))
                 recs = [(parse_frame(p), work / f"x{i}.jpg") for i, (_, p) in enumerate(make_payloads(args.frames))]
                 t0 = time.perf_counter()
@@ -229,10 +242,11 @@ def main() -> None:
     ]
     table = (
         f"### Server ingest ({time.strftime('%Y-%m-%d')})\n\n"
-        f"`bench/ingest.py --frames {args.frames} --repeats {args.repeats}`: {platform.machine()}, "
+        f"`bench/ingest.py --frames {args.frames} --repeats {args.repeats} --clients {args.clients} "
+        f"--decode {args.decode}`: {platform.machine()}, "
         f"{os.cpu_count()} cores; frames of {size / 1024:.0f} KB on average (the COCO images as the agent "
         f"encodes them: JPEG q90, longest side 640; 5 boxes), batches of {BATCH}; "
-        "client (own process), server, broker and bundled MongoDB on one machine; "
+        f"{args.clients} client process(es), server, broker and bundled MongoDB on one machine; "
         f"medians of {args.repeats} alternating rounds.\n\n"
         "| path | frames/s | ratio to no-op on the same transport |\n|---|---:|---:|\n"
         + "".join(f"| {name} | {fps:.0f} | {ratio} |\n" for name, fps, ratio in rows)
