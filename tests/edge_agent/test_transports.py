@@ -7,8 +7,6 @@ persistent sessions and gRPC's deadlines and TLS have tests of their own.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import socket
 import time
@@ -393,76 +391,17 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA, an unrelated CA, two server certificates and a client certificate, made now."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    pytest.importorskip("cryptography.x509")
+    from tests.fakes.pki import CLIENT_AUTH, SERVER_AUTH, TestCA, loopback_names, x509
 
     out = tmp_path_factory.mktemp("pki")
-    now = dt.datetime.now(dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
-        cert_path, key_path = out / f"{stem}.crt", out / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        return cert_path, key_path
-
-    def make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(name(cn))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        return cert, key, write(cn, cert, key)[0]
-
-    ca_cert, ca_key, ca_path = make_ca("edgeloop-test-ca")
-    _, _, other_ca_path = make_ca("unrelated-ca")
-
-    def leaf(stem: str, sans: list[x509.GeneralName], usage: x509.ObjectIdentifier) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name(stem))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        return write(stem, cert, key)
-
-    server = ExtendedKeyUsageOID.SERVER_AUTH
+    ca = TestCA(out, "edgeloop-test-ca")
     return Pki(
-        ca=ca_path,
-        other_ca=other_ca_path,
-        server_ip=leaf(
-            "server-ip",
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
-            server,
-        ),
-        server_named=leaf("server-named", [x509.DNSName("receiver.test")], server),
-        client=leaf("device-1", [x509.DNSName(DEVICE)], ExtendedKeyUsageOID.CLIENT_AUTH),
+        ca=ca.path,
+        other_ca=TestCA(out, "unrelated-ca").path,
+        server_ip=ca.issue("server-ip", loopback_names(), SERVER_AUTH),
+        server_named=ca.issue("server-named", [x509.DNSName("receiver.test")], SERVER_AUTH),
+        client=ca.issue("device-1", [x509.DNSName(DEVICE)], CLIENT_AUTH),
     )
 
 
