@@ -318,7 +318,8 @@ ENQUEUED = re.compile(r"enqueued frame ([0-9a-f]{32})")
 def test_kill_9_mid_upload_loses_no_enqueued_frame(tmp_path):
     """An agent process uploads to a slow receiver and is killed with SIGKILL mid-upload. A new
     agent process on the same outbox delivers every frame the first one had enqueued."""
-    receiver = GrpcTestReceiver(delay_s=0.05).start()
+    # Slower than the agent enqueues (~15-25 frames/s here), so a backlog is certain at the kill.
+    receiver = GrpcTestReceiver(delay_s=0.2).start()
     cfg = {
         "device_id": "cam-kill",
         "source": {"uri": str(COCO_TRAIN), "loop": True},
