@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,10 @@ class DemoResult:
     model_version: str
     app_url: str | None
     workdir: Path
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _free_port() -> int:
@@ -61,6 +67,10 @@ def run_demo(
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a service manager, `timeout`) must clean up like Ctrl-C: the App's process group and
+    # the demo's mongod would outlive us otherwise.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     grpc_port = _free_port()
     server_cfg = ServerConfig.model_validate(
         {
