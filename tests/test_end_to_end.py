@@ -101,7 +101,11 @@ def deployment(tmp_path_factory, fiftyone_env):
         "app": {"enabled": True, "port": app_port},
         "metrics": {"enabled": True, "port": free_port()},
     }
-    server = ServerProcess(tmp, config).start()
+    try:
+        server = ServerProcess(tmp, config).start()
+    except BaseException:
+        broker.stop()  # the broker must not outlive a deployment that never came up
+        raise
     ns = type("Deployment", (), {})()
     ns.tmp, ns.data, ns.devices, ns.creds, ns.broker, ns.server = tmp, data, devices, creds, broker, server
     ns.dataset, ns.app_url, ns.server_tls, ns.pem = dataset, f"http://127.0.0.1:{app_port}", server_tls, pem
