@@ -29,8 +29,8 @@ from google.protobuf.message import DecodeError
 
 from edge_agent.transports import GrpcTransport, GrpcTransportConfig, TLSConfig, TransportError
 from edge_agent.transports.grpc import HEARTBEAT_METHOD, UPLOAD_METHOD
-from edgeloop.convert import device_status_to_pb, parse_frame, serialize_frame
-from edgeloop.domain import Ack, AckStatus, Detection, DeviceStatus, FrameRecord
+from edgeloop.convert import device_status_to_pb, parse_frame
+from edgeloop.domain import Ack, AckStatus, DeviceStatus, FrameRecord
 from edgeloop.v1 import frames_pb2
 from server.ingest.base import AllowAllDevices, FrameRejected, Identity, RejectCode
 from server.ingest.grpc_service import (
@@ -42,6 +42,8 @@ from server.ingest.grpc_service import (
 )
 from server.ingest.heartbeats import FILE_NAME, HeartbeatStore
 from server.metrics import ServerMetrics
+from tests.fakes.frames import jpeg
+from tests.fakes.frames import make_frame as shared_make_frame
 
 DEVICE = "dev-a"
 OTHER = "dev-b"
@@ -51,51 +53,12 @@ W, H = 64, 48
 # -- frames ----------------------------------------------------------------------------------
 
 
-def jpeg(width: int = W, height: int = H, seed: int = 0) -> bytes:
-    """A real JPEG of noise (noise keeps its size close to width*height bytes)."""
-    rng = np.random.default_rng(seed)
-    ok, buf = cv2.imencode(".jpg", rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-    assert ok
-    return buf.tobytes()
+_JPEG = jpeg(W, H)
 
 
-_JPEG = jpeg()
-
-
-def make_frame(
-    i: int = 0,
-    *,
-    device: str = DEVICE,
-    image: bytes | None = None,
-    width: int = W,
-    height: int = H,
-    boxes: Sequence[tuple[float, float, float, float]] = ((1, 2, 30, 40),),
-    class_id: int = 0,
-    frame_id: str | None = None,
-) -> tuple[str, bytes]:
-    """``(frame_id, serialized FrameUpload)`` for a valid frame unless told otherwise."""
-    frame_id = frame_id if frame_id is not None else f"{os.urandom(6).hex()}-{i}"
-    rec = FrameRecord(
-        frame_id=frame_id,
-        device_id=device,
-        capture_time=1_700_000_000.5 + i,
-        sequence=i,
-        model_version="m1",
-        image=_JPEG if image is None else image,
-        media_type="image/jpeg",
-        width=width,
-        height=height,
-        detections=[
-            Detection(box=b, class_id=class_id, class_name=_class_name(class_id), confidence=0.4) for b in boxes
-        ],
-        uncertainty=0.5,
-        class_names=list(CLASSES),
-    )
-    return frame_id, serialize_frame(rec)
-
-
-def _class_name(class_id: int) -> str:
-    return CLASSES[class_id] if 0 <= class_id < len(CLASSES) else "?"
+def make_frame(i: int = 0, *, device: str = DEVICE, image: bytes | None = None, **kw: Any) -> tuple[str, bytes]:
+    """``(frame_id, serialized FrameUpload)`` for a valid frame unless told otherwise (one shared JPEG)."""
+    return shared_make_frame(i, device=device, image=_JPEG if image is None else image, classes=CLASSES, **kw)
 
 
 def frames(n: int, **kw: object) -> list[tuple[str, bytes]]:
