@@ -15,8 +15,7 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.detectors import yolo
-from edge_agent.detectors.base import Detector, DetectorError, register
-from edgeloop.domain import Detection
+from edge_agent.detectors.base import DetectorError, register
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class OnnxRuntimeDetectorConfig(yolo.YoloThresholds):
     )
 
 
-class OnnxRuntimeDetector(Detector):
+class OnnxRuntimeDetector(yolo.YoloExportDetector):
     """A YOLO detect export loaded in an ``onnxruntime.InferenceSession``.
 
     Attributes:
@@ -122,21 +121,9 @@ class OnnxRuntimeDetector(Detector):
         logger.info("%s has a dynamic input shape; using imgsz %s", path, size)
         return size
 
-    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, yolo.LetterboxInfo]:
-        """Letterbox a BGR frame into the model's input tensor."""
-        return yolo.preprocess(image, self.input_size, self._input_dtype)
-
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         """Run the session on a prepared tensor; returns the raw ``(1, 4 + nc, N)`` output."""
         return self._session.run([self._output_name], {self._input_name: tensor})[0]
-
-    def postprocess(self, output: np.ndarray, info: yolo.LetterboxInfo) -> list[Detection]:
-        """Decode a raw output into detections in the original frame's pixels."""
-        return yolo.decode(output, info, self.class_names, self.config)
-
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        tensor, info = self.preprocess(image)
-        return self.postprocess(self.infer(tensor), info)
 
     def close(self) -> None:
         # ORT frees the session's arenas when the last reference goes.

@@ -27,8 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.detectors import yolo
-from edge_agent.detectors.base import Detector, DetectorError, register
-from edgeloop.domain import Detection
+from edge_agent.detectors.base import DetectorError, register
 from edgeloop.durable import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ def _open_cuda() -> _CudaPython | _TorchCuda:
         ) from err
 
 
-class TensorRTDetector(Detector):
+class TensorRTDetector(yolo.YoloExportDetector):
     """A TensorRT engine for a YOLO detect export, built on first use and cached.
 
     Attributes:
@@ -336,10 +335,6 @@ class TensorRTDetector(Detector):
             raise DetectorError(str(err)) from err
         self.class_names = yolo.class_names_for(self._metadata, num_classes)
 
-    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, yolo.LetterboxInfo]:
-        """Letterbox a BGR frame into the engine's input tensor."""
-        return yolo.preprocess(image, self.input_size, self._input_dtype)
-
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         """Copy in, run the engine, copy out; the returned array is reused by the next call."""
         self._cuda.to_device(self._device[self._input_name], np.ascontiguousarray(tensor, dtype=self._input_dtype))
@@ -349,14 +344,6 @@ class TensorRTDetector(Detector):
         self._cuda.to_host(output, self._device[self._output_name])
         self._cuda.synchronize()
         return output
-
-    def postprocess(self, output: np.ndarray, info: yolo.LetterboxInfo) -> list[Detection]:
-        """Decode a raw output into detections in the original frame's pixels."""
-        return yolo.decode(output, info, self.class_names, self.config)
-
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        tensor, info = self.preprocess(image)
-        return self.postprocess(self.infer(tensor), info)
 
     def close(self) -> None:
         # Context before engine before runtime, then the memory they referenced; safe to call twice.

@@ -13,6 +13,7 @@ Only numpy and OpenCV here (OpenCV imported on first use); the runtimes are impo
 
 from __future__ import annotations
 
+import abc
 import ast
 import hashlib
 import logging
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from edge_agent.detectors.base import Detector
 from edgeloop.config_base import StrictModel
 from edgeloop.domain import Detection
 
@@ -367,3 +369,31 @@ def decode(
             )
         )
     return detections
+
+
+class YoloExportDetector(Detector):
+    """A backend that runs an ultralytics detect export on a fixed-size input (ONNX Runtime, TensorRT).
+
+    Subclasses set ``input_size``, ``_input_dtype``, ``class_names`` and ``config`` and implement
+    :meth:`infer`; letterboxing and decoding are shared so every backend returns the same boxes.
+    """
+
+    input_size: tuple[int, int]
+    _input_dtype: np.dtype | type
+    config: YoloThresholds
+
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxInfo]:
+        """Letterbox a BGR frame into the model's input tensor."""
+        return preprocess(image, self.input_size, self._input_dtype)
+
+    @abc.abstractmethod
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        """Run the model on a prepared tensor; returns the raw ``(1, 4 + nc, N)`` output."""
+
+    def postprocess(self, output: np.ndarray, info: LetterboxInfo) -> list[Detection]:
+        """Decode a raw output into detections in the original frame's pixels."""
+        return decode(output, info, self.class_names, self.config)
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        tensor, info = self.preprocess(image)
+        return self.postprocess(self.infer(tensor), info)
