@@ -33,6 +33,7 @@ import cv2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
 from edge_agent.app import Agent  # noqa: E402
 from edge_agent.config import AgentConfig  # noqa: E402
 from edge_agent.detectors import create_detector  # noqa: E402
@@ -149,10 +150,7 @@ def main() -> None:
     table = head + "".join(
         f"| {name} | {fps:.2f} | {fps / base:.3f} | {fps / spin:.3f} | {k} |\n" for name, fps, k in rows
     )
-    print(table)
-    if args.write:
-        with args.write.open("a") as fh:
-            fh.write("\n" + table)
+    emit(table, args.write)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,18 @@ receiver on the same transport in the same run, and FiftyOne samples/s on their 
 
 * no-op: the production transport (``IngestServicer`` / ``MqttBridge`` behind Mosquitto) with an
   ingestor that acknowledges at once: what the transport alone can carry.
-* stored: the same transport with the real ``IngestCore``: validation (protobuf, JPEG decode,
-  boxes, classes), the media store (every image fsync'd), and the FiftyOne inbox on the bundled
-  MongoDB with journaled writes; an ack only after both are durable.
+* stored: the same transport with the real ``IngestCore``: validation (protobuf, the JPEG's
+  structure or a full decode, boxes, classes), the media store (images group-committed with
+  ``syncfs``), and the FiftyOne inbox on the bundled MongoDB with journaled writes; an ack only
+  after both are durable.
 * FiftyOne: ``Inbox.add_records`` in batches of 64, no transport, no media.
 
 The client is the agent's own transport, sending batches of real frames (the COCO images as the
 agent encodes them, ~100 KB).
 The client runs in its own process, as an agent would; server, broker and MongoDB share the
 machine's 2 cores with it. Rounds alternate no-op and
-stored so that machine noise hits both; ratios use medians.
+stored so that machine noise hits both; ratios use medians. Each round also records the CPU
+each process spent per frame (Linux ``/proc``) and how busy the machine was: where the time goes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
 from edgeloop.convert import parse_frame  # noqa: E402
 from edgeloop.domain import Ack, AckStatus  # noqa: E402
 from tests.fakes.frames import make_frame  # noqa: E402
@@ -68,6 +71,41 @@ def make_payloads(n: int, seed: str = "") -> list[tuple[str, bytes]]:
     return frames
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc); 0 where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+class CpuMeter:
+    """CPU seconds per frame of each process taking part in a round, and how busy the machine was."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.before = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.machine = _machine_busy()
+
+    def per_frame_us(self, frames: int, clients_cpu: float) -> dict[str, float]:
+        busy, total = _machine_busy()
+        out = {name: (_cpu_seconds(pid) - self.before[name]) / frames * 1e6 for name, pid in self.pids.items()}
+        out["client"] = clients_cpu / frames * 1e6
+        out["machine_busy"] = (busy - self.machine[0]) / max(total - self.machine[1], 1e-9)
+        return out
+
+
 def send_all(transport, payloads: list[tuple[str, bytes]]) -> float:
     """Send everything in batches until every frame is acknowledged; returns the seconds it took."""
     pending = dict(payloads)
@@ -94,12 +132,20 @@ def _client(kind: str, port: int, n: int, seed: str, ready, go, out) -> None:
     try:
         ready.put(seed)
         go.wait()  # every device starts sending at once
-        out.put(send_all(transport, payloads))
+        cpu0 = time.process_time()
+        elapsed = send_all(transport, payloads)
+        out.put((elapsed, time.process_time() - cpu0))
     finally:
         transport.close()
 
 
-def run_clients(kind: str, port: int, n: int, clients: int) -> float:
+#: Processes whose CPU each round accounts for, besides the clients (set in main()).
+WATCHED: dict[str, int | None] = {}
+#: Per round: CPU microseconds per frame by process, and the machine's busy fraction.
+CPU_LOG: list[tuple[str, dict[str, float]]] = []
+
+
+def run_clients(kind: str, port: int, n: int, clients: int, label: str = "") -> float:
     """``clients`` devices send ``n`` frames between them; returns frames/s over the slowest one's time."""
     ctx = mp.get_context("spawn")  # fresh interpreters: no threads or sockets inherited from the server
     ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
@@ -112,11 +158,17 @@ def run_clients(kind: str, port: int, n: int, clients: int) -> float:
         proc.start()
     for _ in procs:
         ready.get(timeout=600)
+    meter = CpuMeter({"server": os.getpid(), **WATCHED})
     go.set()
-    elapsed = [out.get(timeout=600) for _ in procs]
+    results = [out.get(timeout=600) for _ in procs]
+    CPU_LOG.append((label or kind, meter.per_frame_us(per * clients, sum(cpu for _, cpu in results))))
     for proc in procs:
         proc.join(60)
-    return per * clients / max(elapsed)
+    return per * clients / max(elapsed for elapsed, _ in results)
+
+
+def _label(kind: str, ingestor) -> str:
+    return f"{kind}_noop" if isinstance(ingestor, NoopIngestor) else kind
 
 
 def grpc_round(ingestor, n: int, clients: int) -> float:
@@ -128,7 +180,7 @@ def grpc_round(ingestor, n: int, clients: int) -> float:
     server, port = build_grpc_server(GrpcServerConfig(port=0), [servicer.add_to_server])
     server.start()
     try:
-        return run_clients("grpc", port, n, clients)
+        return run_clients("grpc", port, n, clients, _label("grpc", ingestor))
     finally:
         server.stop(1).wait()
 
@@ -147,9 +199,27 @@ def mqtt_round(ingestor, n: int, broker, clients: int) -> float:
     ).start()
     bridge.wait_ready(10)
     try:
-        return run_clients("mqtt", broker.port, n, clients)
+        return run_clients("mqtt", broker.port, n, clients, _label("mqtt", ingestor))
     finally:
         bridge.stop()
+
+
+def cpu_table() -> str:
+    """Median CPU microseconds per frame by process, per path: where each path's time goes."""
+    names = ["client", "server", "broker", "mongod"]
+    labels = list(dict.fromkeys(label for label, _ in CPU_LOG))
+    rows = []
+    for label in labels:
+        logs = [cpu for lab, cpu in CPU_LOG if lab == label]
+        med = {k: statistics.median(log.get(k, 0.0) for log in logs) for k in [*names, "machine_busy"]}
+        total = sum(med[k] for k in names)
+        cells = " | ".join(f"{med[k]:.0f}" for k in names)
+        rows.append(f"| {label} | {cells} | {total:.0f} | {med['machine_busy']:.0%} |\n")
+    return (
+        "CPU per frame (microseconds, medians; `machine busy` is the share of both cores in use):\n\n"
+        "| path | client | server | broker | mongod | total | machine busy |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        + "".join(rows)
+    )
 
 
 def main() -> None:
@@ -158,7 +228,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", type=int, default=1, help="devices sending at once, each in its own process")
     ap.add_argument(
-        "--decode", choices=["full", "header"], default="full", help="validation.decode_images of the stored path"
+        "--decode",
+        choices=["structure", "full"],
+        default="structure",
+        help="validation.decode_images of the stored path (the server default: structure)",
     )
     ap.add_argument("--write", type=Path, default=None, help="Append the result table to this markdown file.")
     args = ap.parse_args()
@@ -181,6 +254,7 @@ def main() -> None:
         broker_dir = work / "mosquitto"
         broker_dir.mkdir()
         broker = MosquittoBroker(workdir=broker_dir, port=_free_port(), extra_conf="max_inflight_messages 0\n").start()
+        WATCHED.update(mongod=mongo.running_pid(), broker=broker.process.pid if broker.process else None)
         payloads = make_payloads(args.frames)
         size = sum(len(p) for _, p in payloads) / len(payloads)
         results: dict[str, list[float]] = {k: [] for k in ("grpc_noop", "grpc", "mqtt_noop", "mqtt", "fiftyone")}
@@ -200,6 +274,9 @@ def main() -> None:
 
         for fut in [core.submit(p, Identity("grpc", None)) for _, p in make_payloads(128)]:
             fut.result()
+        from server.app import freeze_startup_heap
+
+        freeze_startup_heap()  # as `edgeloop server run` does once started (no-op and stored rounds alike)
 
         def real_core() -> IngestCore:
             return core
@@ -251,10 +328,8 @@ def main() -> None:
         "| path | frames/s | ratio to no-op on the same transport |\n|---|---:|---:|\n"
         + "".join(f"| {name} | {fps:.0f} | {ratio} |\n" for name, fps, ratio in rows)
     )
-    print(table)
-    if args.write:
-        with args.write.open("a") as fh:
-            fh.write("\n" + table)
+    table += "\n" + cpu_table()
+    emit(table, args.write)
 
 
 if __name__ == "__main__":

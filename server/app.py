@@ -9,6 +9,7 @@ holds, and the database is left running (it is shared with the App and other pro
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 
@@ -23,6 +24,24 @@ logger = logging.getLogger(__name__)
 def _mtls_identity(context: grpc.ServicerContext) -> str | None:
     names = context.auth_context().get("x509_common_name") or []
     return names[0].decode() if names else None
+
+
+def freeze_startup_heap(inbox: object | None = None) -> None:
+    """Load what the server will use, then exclude everything alive from garbage collection.
+
+    FiftyOne, pymongo and gRPC leave ~250,000 objects that live as long as the process. Every
+    full collection walks all of them, and ingest allocates fast enough to trigger one every
+    few hundred frames: measured, collections cost ~70 us per stored frame (~15% of the
+    server's CPU). ``gc.freeze()`` moves the start-up heap out of the collector's sight;
+    objects made later are collected as usual.
+    """
+    if inbox is not None:
+        try:
+            _ = inbox.dataset  # type: ignore[attr-defined]  # imports FiftyOne and opens the dataset now
+        except Exception as err:  # the database may be down; the ingest core retries on its own
+            logger.warning("could not open the inbox at start-up (%s); it is opened on first use", err)
+    gc.collect()
+    gc.freeze()
 
 
 class Server:
@@ -123,6 +142,7 @@ class Server:
             self.app = CurationApp(self.db_uri, cfg.fiftyone_dir, cfg.app.host, cfg.app.port)
             self._parts.append(("FiftyOne App", self.app.stop))
             self.app.wait_ready()
+        freeze_startup_heap(self.inbox)
         return self
 
     def wait(self) -> None:

@@ -1,14 +1,16 @@
 """The ingest core: the one validation and storage path behind every transport.
 
-``submit`` validates a frame in the caller's thread (a refused frame raises at once and nothing
-is written) and queues it. Two threads store frames in batches, as a pipeline (while one batch's
-samples are inserted, the next batch's images are written):
+``submit`` runs in the caller's (transport's) thread: it validates the frame (a refused frame
+raises at once and nothing is written), writes its image under its final name in the media
+store if that name is new (not yet durable), and queues it. Two threads then store frames in
+batches, as a pipeline (while one batch's samples are inserted, the next batch is committed):
 
 the media thread
-  1. takes up to ``batch_size`` queued frames, waiting at most ``max_wait_s`` for each next one;
+  1. takes up to ``batch_size`` queued frames, sleeping ``max_wait_s`` at a time while more come;
   2. answers repeats of a frame id within the batch like their first copy;
-  3. asks the inbox which frame ids are already stored: those are ``DUPLICATE``, nothing is written;
-  4. writes the new frames' images to the media store with one group commit (``put_many``);
+  3. for the frames whose file name already existed (a resend, or a crash leftover), asks the
+     inbox which are stored: those are ``DUPLICATE``; the others' images are replaced atomically;
+  4. makes the batch's images durable with one group commit (``MediaStore.commit``: ``syncfs``);
   5. hands the batch to the database thread (at most one batch waits between the two);
 
 the database thread
@@ -18,18 +20,22 @@ the database thread
 
 Why an acknowledgement means durable: a future resolves ``STORED`` only after step 6 returned,
 and step 6 returns only after MongoDB journaled the sample (write concern ``j: true``, see
-``server.store.mongo``), which starts only after step 4's ``put_many`` returned, i.e. after the
-image files and their names were flushed to disk (``syncfs``). ``DUPLICATE`` is answered only
-for a frame id whose sample is in the database, and a sample is only ever inserted after its image was durable. A crash
-(``kill -9``, power cut) at any point therefore leaves, for each frame, either nothing, an image
-file without a sample (the agent gets no ack, resends, and the same file is rewritten), or both
--- never a sample without its image -- and a resent frame id is stored once (the inbox skips
-stored ids, and its unique index stops the copy of an id that the media thread let through
-while the database thread was still inserting its first copy).
+``server.store.mongo``), which starts only after step 4's commit returned, i.e. after the image
+files and their names were flushed to disk. ``DUPLICATE`` is answered only for a frame id whose
+sample is in the database, and a sample is only ever inserted after its image was durable. A
+crash (``kill -9``, power cut) at any point therefore leaves, for each frame, either nothing, an
+image file (maybe partial) without a sample (the agent gets no ack and resends; the resend finds
+the name taken and replaces the file whole), or both -- never a sample without its image -- and
+a resent frame id is stored once (stored ids are answered DUPLICATE, and the inbox's unique index
+stops the copy of an id whose first copy was still being inserted).
 
-Throughput: see ``bench/ingest.py`` and docs/benchmarks.md. Per-file fsyncs used to dominate
-(~1.3-2 ms per file); the group commit costs ~0.4 ms per 100 KB frame, the journaled insert
-~0.1-0.25 ms per sample, and full image validation (in ``submit``) ~1 ms per 640x480 JPEG.
+Why images are written in ``submit`` and not by the media thread: on a 2-core machine the
+media thread writing every file was the ingest bottleneck (~500 us of wall time per frame, a
+third of it waiting for the GIL after each system call while the transport threads parsed
+frames); written by the transport threads, files of several streams are written in parallel
+and the media thread's work per frame shrinks to its share of one ``syncfs``.
+
+Throughput: see ``bench/ingest.py`` and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ DEFAULT_MAX_QUEUE = 4096
 class _Pending:
     record: FrameRecord
     future: Future[Ack]
+    #: Where ``submit`` wrote the image (a new name, not yet durable); None: the name existed.
+    path: Path | None
 
 
 @dataclass
@@ -131,13 +139,24 @@ class IngestCore:
         """
         record = validate(payload, identity, self.devices, self.validation)
         future: Future[Ack] = Future()
+        if self._closed:
+            return self._answer_retry(future, record.frame_id, "the server is shutting down; retry later")
+        try:
+            path = self.media.write_new(record.frame_id, record.image, extension_for(record.media_type))
+        except Exception as err:  # disk full, I/O error: the frame is fine, the server is not
+            logger.error("media store failed for frame %s: %s", record.frame_id, err)
+            return self._answer_retry(future, record.frame_id, f"media store failed: {err}")
         with self._lock:
             if not self._closed:
-                self._queue.put(_Pending(record, future))
+                self._queue.put(_Pending(record, future, path))
                 self.metrics.queue_depth.inc()
                 return future
+        # Closed meanwhile: the file stays without a sample, like after a crash; the resend replaces it.
+        return self._answer_retry(future, record.frame_id, "the server is shutting down; retry later")
+
+    def _answer_retry(self, future: Future[Ack], frame_id: str, message: str) -> Future[Ack]:
         self.metrics.frames_retry.inc()
-        future.set_result(Ack(record.frame_id, AckStatus.RETRY, "the server is shutting down; retry later"))
+        future.set_result(Ack(frame_id, AckStatus.RETRY, message))
         return future
 
     def close(self, timeout: float | None = 60.0) -> None:
@@ -167,19 +186,7 @@ class IngestCore:
             first = self._queue.get()
             if first is None:
                 break
-            batch = [first]
-            # Adaptive group commit: keep taking frames while they keep coming (each within
-            # max_wait_s of the previous one), up to batch_size. A burst fills a batch; a lone
-            # frame or the tail of a burst waits max_wait_s at most, not a fixed window.
-            while len(batch) < self.batch_size:
-                try:
-                    item = self._queue.get(timeout=self.max_wait_s) if self.max_wait_s > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True  # everything queued before close() is in this batch or earlier ones
-                    break
-                batch.append(item)
+            batch, stop = self._collect(first)
             self.metrics.queue_depth.dec(len(batch))
             try:
                 self._handoff.put(self._prepare(batch))
@@ -187,6 +194,32 @@ class IngestCore:
                 logger.exception("storing a batch of %d frames failed", len(batch))
                 self._resolve_unresolved(batch, f"storage error: {err}; retry later")
         self._handoff.put(None)
+
+    def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        """Adaptive group commit: the batch grows while frames keep coming, up to ``batch_size``.
+
+        Take what is queued, then sleep ``max_wait_s`` and take what came meanwhile, until a
+        sleep brings nothing or the batch is full: a burst fills a batch, a lone frame (or the
+        tail of a burst) waits ``max_wait_s`` at most. Sleeping and then draining, rather than
+        waiting for each next frame, wakes this thread once per ``max_wait_s`` instead of once
+        per frame: at ~1,500 frames/s the per-frame wake-ups (and the GIL hand-overs they cause)
+        cost more CPU than storing the frames. Returns the batch and whether ``close()`` was seen.
+        """
+        batch = [first]
+        while True:
+            while len(batch) < self.batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:  # everything queued before close() is in this batch or earlier ones
+                    return batch, True
+                batch.append(item)
+            if len(batch) >= self.batch_size or self.max_wait_s <= 0:
+                return batch, False
+            time.sleep(self.max_wait_s)
+            if self._queue.empty():
+                return batch, False  # nothing came during the sleep: the burst is over
 
     def _commit_loop(self) -> None:
         while (prepared := self._handoff.get()) is not None:
@@ -197,28 +230,42 @@ class IngestCore:
                 self._resolve_unresolved(prepared.batch, f"storage error: {err}; retry later")
 
     def _prepare(self, batch: Sequence[_Pending]) -> _Prepared:
-        """Steps 2-4 (the media thread): sort out repeats and stored ids, write the new images."""
+        """Steps 2-4 (the media thread): sort out repeats and names that existed, commit the images."""
         prepared = _Prepared(batch=batch, started=time.perf_counter())
         for item in batch:
             if item.record.frame_id in prepared.first:
                 prepared.repeats.append(item)
             else:
                 prepared.first[item.record.frame_id] = item
-        try:
-            existing = self.inbox.existing_ids(prepared.first)
-        except PyMongoError as err:
-            logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(prepared.first), err)
-            prepared.acks = {fid: _retry(fid, err) for fid in prepared.first}
-            return prepared
-        for fid in existing:
-            prepared.acks[fid] = Ack(fid, AckStatus.DUPLICATE, "already stored")
-        new = [item.record for fid, item in prepared.first.items() if fid not in existing]
-        for record, result in zip(new, self._put_media(new), strict=True):
-            if isinstance(result, Exception):
-                logger.error("media store failed for frame %s: %s", record.frame_id, result)
-                prepared.acks[record.frame_id] = Ack(record.frame_id, AckStatus.RETRY, f"media store failed: {result}")
-            else:
-                prepared.written.append((record, result))
+        paths = {fid: item.path for fid, item in prepared.first.items() if item.path is not None}
+        taken = [item.record for fid, item in prepared.first.items() if item.path is None]
+        if taken:
+            try:
+                existing = self.inbox.existing_ids(r.frame_id for r in taken)
+            except PyMongoError as err:
+                logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(taken), err)
+                existing = set()
+                prepared.acks.update((r.frame_id, _retry(r.frame_id, err)) for r in taken)
+                taken = []
+            for record in taken:
+                fid = record.frame_id
+                if fid in existing:
+                    prepared.acks[fid] = Ack(fid, AckStatus.DUPLICATE, "already stored")
+                    continue
+                try:  # a resend of a frame that was never stored, or a crash leftover: replace it whole
+                    paths[fid] = self.media.replace(fid, record.image, extension_for(record.media_type))
+                except Exception as err:
+                    logger.error("media store failed for frame %s: %s", fid, err)
+                    prepared.acks[fid] = Ack(fid, AckStatus.RETRY, f"media store failed: {err}")
+        if paths:
+            try:
+                self.media.commit()
+            except OSError as err:
+                logger.error("media store commit failed, %d frame(s) answered RETRY: %s", len(paths), err)
+                for fid in paths:
+                    prepared.acks[fid] = Ack(fid, AckStatus.RETRY, f"media store failed: {err}")
+                return prepared
+        prepared.written = [(prepared.first[fid].record, path) for fid, path in paths.items()]
         return prepared
 
     def _commit(self, prepared: _Prepared) -> None:
@@ -227,7 +274,8 @@ class IngestCore:
         # Only now, with every image durable, may their samples exist.
         if prepared.written:
             try:
-                stored, duplicates = self.inbox.add_records(prepared.written)
+                # The media thread has just looked up which ids are stored.
+                stored, duplicates = self.inbox.add_records(prepared.written, check_existing=False)
             except PyMongoError as err:
                 logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(prepared.written), err)
                 stored, duplicates = [], []
@@ -249,11 +297,6 @@ class IngestCore:
         self.metrics.frames_stored.inc(counts[AckStatus.STORED])
         self.metrics.frames_duplicate.inc(counts[AckStatus.DUPLICATE])
         self.metrics.frames_retry.inc(counts[AckStatus.RETRY])
-
-    def _put_media(self, records: Sequence[FrameRecord]) -> list[Path | Exception]:
-        # One group commit for the whole batch (see LocalMediaStore.put_many): per-file fsyncs
-        # made the media store the bottleneck of ingest.
-        return self.media.put_many([(r.frame_id, r.image, extension_for(r.media_type)) for r in records])
 
     def _resolve_unresolved(self, batch: Sequence[_Pending], message: str) -> None:
         for item in batch:

@@ -108,8 +108,14 @@ class Inbox:
             self._dataset = self._open()
         return self._dataset
 
-    def add_records(self, items: Iterable[tuple[FrameRecord, Path]]) -> tuple[list[str], list[str]]:
+    def add_records(
+        self, items: Iterable[tuple[FrameRecord, Path]], *, check_existing: bool = True
+    ) -> tuple[list[str], list[str]]:
         """Insert one sample per ``(record, media_path)`` in one batch; frame ids already stored are skipped.
+
+        ``check_existing=False`` skips the look-up of stored ids for a caller that has just made
+        it (the ingest core): an id stored meanwhile is still caught by the unique index and
+        reported as a duplicate.
 
         Returns:
             ``(stored_ids, duplicate_ids)``: frame ids inserted now, and ids that were already in
@@ -131,7 +137,7 @@ class Inbox:
                 batch[record.frame_id] = (record, path)
         if not batch:
             return [], duplicates
-        existing = self.existing_ids(batch)
+        existing = self.existing_ids(batch) if check_existing else set()
         duplicates.extend(fid for fid in batch if fid in existing)
         new = [item for fid, item in batch.items() if fid not in existing]
         if not new:

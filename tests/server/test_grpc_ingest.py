@@ -817,7 +817,9 @@ class MemoryInbox:
         with self._lock:
             return {fid for fid in frame_ids if fid in self.samples}
 
-    def add_records(self, items: Iterable[tuple[FrameRecord, Path]]) -> tuple[list[str], list[str]]:
+    def add_records(
+        self, items: Iterable[tuple[FrameRecord, Path]], *, check_existing: bool = True
+    ) -> tuple[list[str], list[str]]:
         self._check()
         stored, duplicates = [], []
         with self._lock:

@@ -145,6 +145,17 @@ def test_racing_writer_duplicate_is_reported_not_raised(
     assert inbox.count() == 2
 
 
+def test_without_the_existence_check_the_unique_index_still_stores_an_id_once(inbox: Inbox, tmp_path: Path) -> None:
+    a, b = make_record(), make_record()
+    _stored(inbox, [a], tmp_path)
+    looked_up: list[list[str]] = []
+    real_existing = inbox.existing_ids
+    inbox.existing_ids = lambda ids: looked_up.append(list(ids)) or real_existing(ids)  # type: ignore[method-assign]
+    items = [(r, tmp_path / f"{r.frame_id}.jpg") for r in (a, b)]
+    assert inbox.add_records(items, check_existing=False) == ([b.frame_id], [a.frame_id])
+    assert looked_up == [] and inbox.count() == 2
+
+
 def test_sample_for_unknown_id(inbox: Inbox) -> None:
     assert inbox.sample_for("unknown-0000") is None
 

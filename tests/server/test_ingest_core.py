@@ -74,11 +74,11 @@ def test_valid_frame_is_stored_durably(
     real_add = inbox.add_records
     seen_at_insert: list[bool] = []
 
-    def add_records_checking_media(items):
+    def add_records_checking_media(items, **kwargs):
         items = list(items)
         # The order of effects: every image is on disk before its sample is written.
         seen_at_insert.extend(path.read_bytes() == rec.image for rec, path in items)
-        return real_add(items)
+        return real_add(items, **kwargs)
 
     monkeypatch.setattr(inbox, "add_records", add_records_checking_media)
     ack = _ack(core.submit(payload_of(record), GRPC))
@@ -153,6 +153,24 @@ def test_redelivered_frame_is_duplicate_and_stored_once(
     assert _stored_count(metrics, "duplicate") == 1
 
 
+def test_a_crash_leftover_file_is_replaced_whole_and_a_stored_image_never_rewritten(
+    core: IngestCore, media: LocalMediaStore, inbox: Inbox
+) -> None:
+    """A crash between writing an image and storing its sample leaves a (maybe partial) file and
+    no sample: the resend finds the name taken, and the core replaces the file whole before the
+    sample is written. A frame that is stored keeps its file untouched when it comes again."""
+    record = make_record()
+    path = media.path_for(record.frame_id, "jpg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(record.image[:100])  # what a crash mid-write leaves
+    assert _ack(core.submit(payload_of(record), GRPC)).status == AckStatus.STORED
+    assert Path(inbox.sample_for(record.frame_id).filepath).read_bytes() == record.image
+    before = path.stat()
+    assert _ack(core.submit(payload_of(record), GRPC)).status == AckStatus.DUPLICATE
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
 def test_same_id_twice_in_one_batch(media: LocalMediaStore, inbox: Inbox, metrics: ServerMetrics) -> None:
     payload = payload_of(make_record())
     with IngestCore(media, inbox, AllowAllDevices(), ValidationConfig(), metrics, batch_size=8, max_wait_s=0.3) as c:
@@ -197,14 +215,14 @@ def test_media_failure_answers_retry_for_that_frame_only(
     core: IngestCore, media: LocalMediaStore, inbox: Inbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     good, bad = make_record(), make_record()
-    real_write = media._write  # what put() and put_many() write each file with
+    real_write = media.write_new  # what submit() writes each new image with
 
-    def write(frame_id: str, data: bytes, ext: str, *, sync: bool) -> Path:
+    def write(frame_id: str, data: bytes, ext: str) -> Path | None:
         if frame_id == bad.frame_id:
             raise OSError(28, "No space left on device")
-        return real_write(frame_id, data, ext, sync=sync)
+        return real_write(frame_id, data, ext)
 
-    monkeypatch.setattr(media, "_write", write)
+    monkeypatch.setattr(media, "write_new", write)
     futures = [core.submit(payload_of(good), GRPC), core.submit(payload_of(bad), GRPC)]
     acks = [_ack(f) for f in futures]
     assert [a.status for a in acks] == [AckStatus.STORED, AckStatus.RETRY]

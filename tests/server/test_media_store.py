@@ -54,17 +54,73 @@ def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return synced
 
 
-def test_put_fsyncs_the_file_and_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_put_commits_with_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.store.media as media
+
+    if media._syncfs is None:
+        pytest.skip("syncfs(2) is not available on this platform (see the fallback test)")
+    store = LocalMediaStore(tmp_path)
+    synced = _count_fsyncs(monkeypatch)
+    calls: list[int] = []
+    real_syncfs = media._syncfs
+    monkeypatch.setattr(media, "_syncfs", lambda fd: calls.append(fd) or real_syncfs(fd))
+    path = store.put("abcdef0123456789", b"x" * 1000, "jpg")
+    # First put into a leaf folder: the new folder's entry is synced in its parent, then one
+    # syncfs makes the file's data and name durable.
+    assert synced == [str(path.parent.parent)] and len(calls) == 1
+    assert path.read_bytes() == b"x" * 1000
+
+
+def test_put_without_syncfs_fsyncs_the_file_and_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.store.media as media
+
+    monkeypatch.setattr(media, "_syncfs", None)  # as on platforms without syncfs(2)
     store = LocalMediaStore(tmp_path)
     synced = _count_fsyncs(monkeypatch)
     path = store.put("abcdef0123456789", b"x" * 1000, "jpg")
-    # First put into a leaf folder: the new folder's entry (its parent), the temp file's data
-    # before the rename, then the folder that received the new name.
-    assert synced[0] == str(path.parent.parent)
-    assert synced[1].endswith(".tmp") and synced[2] == str(path.parent) and len(synced) == 3
+    # The new folder's entry (its parent), the new file's data (written under its final name:
+    # nothing refers to it yet), then the folder holding the name.
+    assert synced == [str(path.parent.parent), str(path), str(path.parent)]
     synced.clear()
-    store.put("abcdef0123456789", b"x" * 1000, "jpg")
+    # A name that exists may already be read: it is replaced through a synced temp file.
+    store.put("abcdef0123456789", b"y" * 1000, "jpg")
     assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == str(path.parent)
+    assert path.read_bytes() == b"y" * 1000
+    # A failed commit keeps what it could not sync for the next one.
+    assert store.write_new("fedcba9876543210", b"z", "jpg") is not None
+    counting_fsync = os.fsync
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        store.commit()
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    synced.clear()
+    store.commit()
+    assert any(p.endswith("fedcba9876543210.jpg") for p in synced)
+
+
+def test_a_partial_leftover_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash mid-write leaves a short file under the final name; the resend replaces it whole."""
+    store = LocalMediaStore(tmp_path)
+    path = store.path_for("abcdef0123456789", "jpg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"partial")
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(file, flags, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        opened.append(str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    [result] = store.put_many([("abcdef0123456789", b"whole frame", "jpg")])
+    assert result == path and path.read_bytes() == b"whole frame"
+    # The final name was only tried with O_EXCL (which failed): never truncated or written in place.
+    assert opened.count(str(path)) == 1 and any(o.endswith(".tmp") for o in opened)
+    assert list((store.root / ".tmp").iterdir()) == []
 
 
 def test_shard_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

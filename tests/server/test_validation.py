@@ -293,28 +293,40 @@ def test_validation_cost_is_about_one_decode() -> None:
     assert per_frame < 0.05, f"validation took {per_frame * 1e3:.1f} ms per frame"
 
 
-def test_header_mode_checks_structure_without_decoding():
-    """decode_images='header' still refuses random bytes, other formats, wrong sizes and truncation;
-    only full decoding notices entropy data that is not an image."""
+def test_structure_mode_refuses_what_the_decoder_refuses_without_decoding(monkeypatch: pytest.MonkeyPatch):
+    """decode_images='structure' (the default) never calls the decoder for a JPEG, and still
+    refuses random bytes, truncation, wrong sizes and broken tables (which only a decode caught
+    before); corrupt entropy-coded data passes, as it does through the decoder itself."""
     from tests.fakes.frames import jpeg, make_frame
 
-    header = ValidationConfig(decode_images="header")
+    structure = ValidationConfig()
+    assert structure.decode_images == "structure"
+    decoded: list[int] = []
+    real_imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flags: decoded.append(1) or real_imdecode(buf, flags))
     good_id, good = make_frame(device="cam")
-    assert validate(good, ANON, AllowAllDevices(), header).frame_id == good_id
+    assert validate(good, ANON, AllowAllDevices(), structure).frame_id == good_id
     real = jpeg(64, 48)
-    bad = [
-        make_frame(device="cam", image=b"\x00" * 500)[1],  # not an image at all
-        make_frame(device="cam", image=real[:-60])[1],  # truncated
-        make_frame(device="cam", image=real, width=65)[1],  # header size differs from the declared one
-    ]
-    for payload in bad:
+    dht = real.index(b"\xff\xc4")
+    broken_table = bytearray(real)
+    broken_table[dht + 5 : dht + 21] = bytes([255] * 16)  # code counts that overflow the code space
+    bad = {
+        "not an image": b"\x00" * 500,
+        "truncated": real[:-60],
+        "broken Huffman table": bytes(broken_table),
+    }
+    assert real_imdecode(np.frombuffer(bad["broken Huffman table"], np.uint8), cv2.IMREAD_GRAYSCALE) is None
+    for name, image in bad.items():
         with pytest.raises(FrameRejected) as err:
-            validate(payload, ANON, AllowAllDevices(), header)
-        assert err.value.code == RejectCode.BAD_IMAGE
+            validate(make_frame(device="cam", image=image)[1], ANON, AllowAllDevices(), structure)
+        assert err.value.code == RejectCode.BAD_IMAGE, name
+    with pytest.raises(FrameRejected):  # header size differs from the declared one
+        validate(make_frame(device="cam", image=real, width=65)[1], ANON, AllowAllDevices(), structure)
     sos = real.index(b"\xff\xda")
-    scrambled = real[: sos + 12] + bytes(len(real) - sos - 14) + b"\xff\xd9"  # markers intact, no image data
-    scrambled_frame = make_frame(device="cam", image=scrambled)[1]
-    validate(scrambled_frame, ANON, AllowAllDevices(), header)  # passes the structural check...
-    if cv2.imdecode(np.frombuffer(scrambled, np.uint8), cv2.IMREAD_GRAYSCALE) is None:
-        with pytest.raises(FrameRejected):  # ...while full decoding refuses it where libjpeg gives up
-            validate(scrambled_frame, ANON, AllowAllDevices(), ValidationConfig(decode_images="full"))
+    scrambled = real[: sos + 12] + bytes(len(real) - sos - 14) + b"\xff\xd9"  # markers intact, zeroed scan data
+    validate(make_frame(device="cam", image=scrambled)[1], ANON, AllowAllDevices(), structure)
+    assert decoded == []  # no JPEG was decoded
+    assert real_imdecode(np.frombuffer(scrambled, np.uint8), cv2.IMREAD_GRAYSCALE) is not None  # nor would it fail
+    # decode_images='full' decodes every image.
+    validate(make_frame(device="cam", image=real)[1], ANON, AllowAllDevices(), ValidationConfig(decode_images="full"))
+    assert decoded == [1]
