@@ -30,10 +30,11 @@ a resent frame id is stored once (stored ids are answered DUPLICATE, and the inb
 stops the copy of an id whose first copy was still being inserted).
 
 Why images are written in ``submit`` and not by the media thread: on a 2-core machine the
-media thread writing every file was the ingest bottleneck (~500 us of wall time per frame, a
-third of it waiting for the GIL after each system call while the transport threads parsed
-frames); written by the transport threads, files of several streams are written in parallel
-and the media thread's work per frame shrinks to its share of one ``syncfs``.
+media thread writing every file was the ingest bottleneck (~490 us of wall time per frame, the
+file writes ~285 us of it for ~130 us of CPU: the rest was waiting to get the GIL back after each
+system call while the transport threads parsed frames); written by the transport threads, files
+of several streams are written in parallel and the media thread's work per frame shrinks to its
+share of one ``syncfs``.
 
 Throughput: see ``bench/ingest.py`` and docs/benchmarks.md.
 """

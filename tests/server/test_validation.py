@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 import uuid
 
 import cv2
@@ -278,19 +277,6 @@ def test_bad_values(record: FrameRecord) -> None:
 def test_too_many_detections() -> None:
     err = rejected(payload_of(make_record(detections=5)), config=ValidationConfig(max_detections=4))
     assert err.code is RejectCode.BAD_VALUE and "limit of 4" in str(err)
-
-
-def test_validation_cost_is_about_one_decode() -> None:
-    """Not a benchmark: a guard that validation stays in the millisecond range for a 640x480 frame."""
-    payload = payload_of(make_record())
-    cfg, devices = ValidationConfig(), AllowAllDevices()
-    validate(payload, ANON, devices, cfg)
-    n = 50
-    start = time.perf_counter()
-    for _ in range(n):
-        validate(payload, ANON, devices, cfg)
-    per_frame = (time.perf_counter() - start) / n
-    assert per_frame < 0.05, f"validation took {per_frame * 1e3:.1f} ms per frame"
 
 
 def test_structure_mode_refuses_what_the_decoder_refuses_without_decoding(monkeypatch: pytest.MonkeyPatch):
