@@ -44,6 +44,7 @@ from edgeloop import topics
 from edgeloop.config_base import StrictModel
 from edgeloop.convert import ack_from_pb
 from edgeloop.domain import Ack
+from edgeloop.pubacks import PubackWaiter
 from edgeloop.tls import TLSError, client_ssl_context
 from edgeloop.v1 import frames_pb2
 
@@ -125,7 +126,7 @@ class MqttTransport(Transport):
         self._v5 = config.protocol == "mqttv5"
         self._cond = threading.Condition()  # guards everything below, signalled by paho's thread
         self._acks: dict[str, Ack] = {}
-        self._puback_codes: dict[int, mqtt.ReasonCode] = {}
+        self._pubacks = PubackWaiter()
         self._connected = False  # CONNACK accepted
         self._ready = False  # connected and subscribed to the ack topic
         self._sub_mid: int | None = None
@@ -158,7 +159,7 @@ class MqttTransport(Transport):
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        client.on_publish = self._on_publish
+        client.on_publish = self._pubacks.on_publish
         self._client = client
 
     # -- the Transport interface -------------------------------------------------------------
@@ -252,25 +253,7 @@ class MqttTransport(Transport):
         return info
 
     def _wait_pubacks(self, topic: str, infos: list[tuple[str, mqtt.MQTTMessageInfo]]) -> None:
-        deadline = time.monotonic() + self.config.publish_timeout_s
-        for frame_id, info in infos:
-            try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except (RuntimeError, ValueError) as err:
-                raise TransportError(f"MQTT publish of {frame_id} failed: {err}") from err
-            if not info.is_published():
-                raise TransportError(
-                    f"MQTT broker {self.config.host}:{self.config.port} did not acknowledge {frame_id} "
-                    f"within {self.config.publish_timeout_s:g} s"
-                )
-            with self._cond:
-                code = self._puback_codes.pop(info.mid, None)
-            if code is not None and code.is_failure:
-                # Only MQTT 5 reports this; a 3.1.1 broker silently drops a denied publish.
-                raise TransportError(
-                    f"MQTT broker refused the publish of {frame_id} to {topic}: {code} "
-                    f"(check the broker's ACL for user {self.config.username!r})"
-                )
+        self._pubacks.wait_or_raise(infos, self.config, TransportError, lambda fid: f"the publish of {fid} to {topic}")
 
     # -- paho callbacks (network thread) ------------------------------------------------------
 
@@ -323,13 +306,6 @@ class MqttTransport(Transport):
             self._cond.notify_all()
         if was_connected:
             logger.warning("MQTT connection to %s:%s lost: %s", self.config.host, self.config.port, reason_code)
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        # Only refusals are kept (and popped by _wait_pubacks), so a PUBACK that arrives after
-        # its send gave up leaves nothing behind in the common case.
-        if reason_code.is_failure:
-            with self._cond:
-                self._puback_codes[mid] = reason_code
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         try:

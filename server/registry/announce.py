@@ -33,6 +33,7 @@ from pydantic import Field, SecretStr
 from edge_agent.transports.base import TLSConfig
 from edgeloop import topics
 from edgeloop.config_base import StrictModel
+from edgeloop.pubacks import PubackWaiter
 from edgeloop.tls import TLSError, client_ssl_context
 from server.registry.store import ModelRegistry
 
@@ -99,7 +100,7 @@ class ReleaseAnnouncer:
         self._refused = ""
         self._ever_connected = False
         self._started = False
-        self._puback_failures: dict[int, mqtt.ReasonCode] = {}
+        self._pubacks = PubackWaiter()
         self._announce_lock = threading.Lock()  # one announce_all at a time: _published stays consistent
         self._published: dict[str, bytes] = {}  # topic -> payload the broker holds (b"" = cleared); under _cond
         self._stop = threading.Event()
@@ -122,7 +123,7 @@ class ReleaseAnnouncer:
         client.connect_timeout = config.connect_timeout_s
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
+        client.on_publish = self._pubacks.on_publish
         self._client = client
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -237,24 +238,7 @@ class ReleaseAnnouncer:
                 self._cond.wait(remaining)
 
     def _wait_pubacks(self, infos: list[tuple[str, mqtt.MQTTMessageInfo]]) -> None:
-        deadline = time.monotonic() + self.config.publish_timeout_s
-        for topic, info in infos:
-            try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except (RuntimeError, ValueError) as err:
-                raise AnnounceError(f"MQTT publish to {topic} failed: {err}") from err
-            if not info.is_published():
-                raise AnnounceError(
-                    f"MQTT broker {self.config.host}:{self.config.port} did not acknowledge {topic} "
-                    f"within {self.config.publish_timeout_s:g} s"
-                )
-            with self._cond:
-                code = self._puback_failures.pop(info.mid, None)
-            if code is not None:
-                raise AnnounceError(
-                    f"MQTT broker refused the release announcement on {topic}: {code} "
-                    f"(check the broker's ACL for user {self.config.username!r})"
-                )
+        self._pubacks.wait_or_raise(infos, self.config, AnnounceError, lambda t: f"the release announcement on {t}")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -283,8 +267,3 @@ class ReleaseAnnouncer:
             self._cond.notify_all()
         if was and self._started:
             logger.warning("MQTT connection of the announcer lost: %s", reason_code)
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            with self._cond:
-                self._puback_failures[mid] = reason_code
