@@ -89,3 +89,58 @@ def db(
         typer.echo("stopped" if manager.stop() else "nothing was running")
     else:
         raise _fail(f"unknown action {action!r}: use status or stop")
+
+
+media_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(media_app, name="media", help="Maintain the media store.")
+
+
+@media_app.command("sweep")
+def media_sweep(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The server's YAML config.")] = None,
+    min_age_hours: Annotated[
+        float, typer.Option(min=0.0, help="Only files written longer ago than this are considered.")
+    ] = 24.0,
+    grace_s: Annotated[
+        float, typer.Option(min=0.0, help="Seconds between setting candidates aside and checking them again.")
+    ] = 30.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+) -> None:
+    """Remove images no sample points at (left by crashes or by frames never resent); safe while the server runs."""
+    from pymongo.errors import PyMongoError
+
+    from edgeloop.config_base import ConfigError
+    from server.config import load_server_config
+    from server.store.mongo import MongoManager, configure_fiftyone
+    from server.store.orphans import sweep_orphans
+
+    try:
+        cfg = load_server_config(config)
+    except ConfigError as err:
+        raise _fail(str(err)) from err
+    from server.store.media import LocalMediaStore
+
+    if not cfg.media.root.is_dir():
+        raise _fail(f"no media store at {cfg.media.root}: check media.root in the config")
+    uri = MongoManager(cfg.mongo).ensure_running()
+    configure_fiftyone(uri, cfg.fiftyone_dir)
+    from server.store.inbox import Inbox
+
+    inbox = Inbox(cfg.inbox)
+    try:
+        result = sweep_orphans(
+            LocalMediaStore(cfg.media.root),
+            inbox.existing_ids,
+            min_age_s=min_age_hours * 3600,
+            grace_s=grace_s,
+            dry_run=dry_run,
+        )
+    except PyMongoError as err:
+        raise _fail(f"the database is unreachable ({err}); nothing was removed, run the sweep again later") from err
+    verb = "would remove" if dry_run else "removed"
+    for path in result.orphans:
+        typer.echo(f"{verb} {path}")
+    typer.echo(
+        f"{result.scanned} files old enough, {len(result.orphans)} without a sample {verb}, "
+        f"{len(result.adopted)} adopted by a resend during the sweep"
+    )

@@ -1,0 +1,143 @@
+"""Media files that no sample points at: find them and remove them safely.
+
+How they arise: the ingest core writes a frame's image before it inserts the sample (so that no
+sample ever lacks its image). A crash in between, or a database outage (the frame is answered
+RETRY), leaves the file without a sample. Normally the agent resends the frame and the file is
+adopted; a frame that never comes back (its device was wiped, or its outbox evicted it) leaves
+the file behind for good. ``edgeloop server media sweep`` removes those.
+
+Safety with a running server: only files older than ``min_age_s`` are considered (a frame is
+between its write and its insert for milliseconds). Each candidate is first *moved* into
+``<root>/.orphans`` (atomic), then, after ``grace_s``, the database is asked again: a sample that
+appeared meanwhile (a resend adopted the file just before the move) gets its file moved back;
+only the others are deleted. The grace period outlasts the ingest core's write-to-insert window,
+so a resend that replaced the file before the move has inserted its sample by the re-check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeloop.durable import fsync_dir
+from server.store.media import FRAME_ID_PATTERN, LocalMediaStore
+
+logger = logging.getLogger(__name__)
+
+#: Where candidates wait for the re-check, inside the media root (same file system: atomic moves).
+QUARANTINE = ".orphans"
+_BATCH = 500
+
+
+@dataclass
+class SweepResult:
+    scanned: int = 0
+    orphans: list[Path] = field(default_factory=list)  #: removed (or, in a dry run, that would be)
+    adopted: list[Path] = field(default_factory=list)  #: got a sample during the grace period: kept
+
+
+def media_files(store: LocalMediaStore, min_age_s: float) -> Iterator[tuple[str, Path]]:
+    """``(frame_id, path)`` of every stored image last written more than ``min_age_s`` ago."""
+    cutoff = time.time() - min_age_s
+    for top in os.scandir(store.root):
+        if not top.is_dir() or top.name.startswith("."):
+            continue  # .tmp, .orphans
+        for leaf in os.scandir(top.path):
+            if not leaf.is_dir():
+                continue
+            for entry in os.scandir(leaf.path):
+                stem, dot, _ext = entry.name.rpartition(".")
+                if dot and FRAME_ID_PATTERN.fullmatch(stem) and entry.is_file() and entry.stat().st_mtime < cutoff:
+                    yield stem, Path(entry.path)
+
+
+def sweep_orphans(
+    store: LocalMediaStore,
+    existing_ids: Callable[[Iterable[str]], set[str]],
+    *,
+    min_age_s: float = 24 * 3600.0,
+    grace_s: float = 30.0,
+    dry_run: bool = False,
+) -> SweepResult:
+    """Remove the images older than ``min_age_s`` whose frame id has no sample.
+
+    Args:
+        store: The media store.
+        existing_ids: Which of the given frame ids have a sample (``Inbox.existing_ids``).
+        min_age_s: Files written more recently are left alone.
+        grace_s: Time between moving candidates aside and asking the database again.
+        dry_run: Only report what would be removed.
+
+    Raises:
+        pymongo.errors.PyMongoError: the database is unreachable; nothing was deleted (files
+            already moved aside stay in ``.orphans`` until the next sweep, which restores or
+            removes them).
+    """
+    result = SweepResult()
+    quarantine = store.root / QUARANTINE
+    quarantine.mkdir(exist_ok=True)
+    # A sweep that stopped half-way left files in quarantine: they are candidates again.
+    moved: dict[str, tuple[Path, Path]] = {
+        p.name.rpartition(".")[0]: (p, _home(store, p.name)) for p in quarantine.iterdir() if p.is_file()
+    }
+    batch: list[tuple[str, Path]] = []
+    for item in media_files(store, min_age_s):
+        result.scanned += 1
+        batch.append(item)
+        if len(batch) >= _BATCH:
+            _set_aside(batch, existing_ids, quarantine, moved, result, dry_run)
+            batch = []
+    _set_aside(batch, existing_ids, quarantine, moved, result, dry_run)
+    if dry_run or not moved:
+        return result
+    fsync_dir(quarantine)
+    time.sleep(grace_s)
+    ids = list(moved)
+    adopted: set[str] = set()
+    for i in range(0, len(ids), _BATCH):
+        adopted |= existing_ids(ids[i : i + _BATCH])
+    for frame_id, (aside, home) in moved.items():
+        if frame_id in adopted:
+            if not home.exists():
+                os.replace(aside, home)
+                fsync_dir(home.parent)
+                logger.warning("kept %s: its sample appeared during the sweep", home)
+            else:
+                aside.unlink()  # the resend wrote a fresh copy at home
+            result.adopted.append(home)
+        else:
+            aside.unlink()
+            result.orphans.append(home)
+    fsync_dir(quarantine)
+    return result
+
+
+def _home(store: LocalMediaStore, name: str) -> Path:
+    stem, _, ext = name.rpartition(".")
+    return store.path_for(stem, ext)
+
+
+def _set_aside(
+    batch: list[tuple[str, Path]],
+    existing_ids: Callable[[Iterable[str]], set[str]],
+    quarantine: Path,
+    moved: dict[str, tuple[Path, Path]],
+    result: SweepResult,
+    dry_run: bool,
+) -> None:
+    if not batch:
+        return
+    stored = existing_ids(fid for fid, _ in batch)
+    for frame_id, path in batch:
+        if frame_id in stored:
+            continue
+        if dry_run:
+            result.orphans.append(path)
+            continue
+        aside = quarantine / path.name
+        os.replace(path, aside)
+        moved[frame_id] = (aside, path)
