@@ -81,9 +81,13 @@ def sweep_orphans(
     quarantine = store.root / QUARANTINE
     quarantine.mkdir(exist_ok=True)
     # A sweep that stopped half-way left files in quarantine: they are candidates again.
-    moved: dict[str, tuple[Path, Path]] = {
-        p.name.rpartition(".")[0]: (p, _home(store, p.name)) for p in quarantine.iterdir() if p.is_file()
-    }
+    moved: dict[str, tuple[Path, Path]] = {}
+    for aside in quarantine.iterdir():
+        stem, _, ext = aside.name.rpartition(".")
+        try:
+            moved[stem] = (aside, store.path_for(stem, ext))
+        except ValueError:  # not a file a sweep put there: leave it
+            logger.warning("ignoring %s: not a media file name", aside)
     batch: list[tuple[str, Path]] = []
     for item in media_files(store, min_age_s):
         result.scanned += 1
@@ -114,11 +118,6 @@ def sweep_orphans(
             result.orphans.append(home)
     fsync_dir(quarantine)
     return result
-
-
-def _home(store: LocalMediaStore, name: str) -> Path:
-    stem, _, ext = name.rpartition(".")
-    return store.path_for(stem, ext)
 
 
 def _set_aside(

@@ -109,3 +109,13 @@ def test_cli_sweeps_a_real_inbox(tmp_path: Path, fiftyone_env: str, inbox: Inbox
     assert "4 files old enough, 1 without a sample removed" in done.stdout
     assert not orphan_path.exists()
     assert all(Path(inbox.sample_for(r.frame_id).filepath).read_bytes() == r.image for r in stored)
+
+
+def test_a_foreign_file_in_quarantine_is_left_alone(tmp_path: Path) -> None:
+    media, files = _store(tmp_path)
+    (media.root / QUARANTINE).mkdir()
+    foreign = media.root / QUARANTINE / "notes.txt.bak~"
+    foreign.write_text("someone's")
+    result = sweep_orphans(media, lambda ids: set(), min_age_s=DAY, grace_s=0)
+    assert sorted(result.orphans) == sorted([files["kept"], files["old"], files["late"]])
+    assert foreign.read_text() == "someone's"
