@@ -39,6 +39,7 @@ RegistryOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ChannelOpt = Annotated[str, typer.Option("--channel", "-c", help="Release channel.")]
 GroupOpt = Annotated[str | None, typer.Option("--group", "-g", help="Target only this device group.")]
+DeviceArg = Annotated[str, typer.Argument(help="Device id.")]
 
 
 @contextmanager
@@ -57,6 +58,14 @@ def _open(registry: Path, signing_key: Path | None = None) -> ModelRegistry:
 
 def _echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _report(as_json: bool, data: dict[str, Any], text: str) -> None:
+    """What a command that changes the registry prints: ``data`` with ``--json``, else ``text``."""
+    if as_json:
+        _echo_json(data)
+    else:
+        typer.echo(text)
 
 
 def _when(seconds: float) -> str:
@@ -291,11 +300,9 @@ def promote_command(
     """Make VERSION the current release of a channel (or of one device group on it)."""
     with _errors():
         previous = _open(registry).promote(version, channel, group=group)
-        if as_json:
-            _echo_json({"channel": channel, "group": group, "version": version, "previous": previous})
-            return
         where = channel if group is None else f"{channel} for group {group}"
-        typer.echo(f"{where}: {previous or 'nothing'} -> {version}")
+        data = {"channel": channel, "group": group, "version": version, "previous": previous}
+        _report(as_json, data, f"{where}: {previous or 'nothing'} -> {version}")
 
 
 @models_app.command("rollback")
@@ -310,16 +317,14 @@ def rollback_command(
         reg = _open(registry)
         replaced = reg.current(channel, group)
         version = reg.rollback(channel, group=group)
-        if as_json:
-            _echo_json({"channel": channel, "group": group, "version": version, "replaced": replaced})
-            return
         where = channel if group is None else f"{channel} for group {group}"
-        typer.echo(f"{where}: rolled back {replaced} -> {version}")
+        data = {"channel": channel, "group": group, "version": version, "replaced": replaced}
+        _report(as_json, data, f"{where}: rolled back {replaced} -> {version}")
 
 
 @models_app.command("pin")
 def pin_command(
-    device: Annotated[str, typer.Argument(help="Device id.")],
+    device: DeviceArg,
     version: Annotated[str, typer.Argument(help="The version the device must run.")],
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
@@ -327,30 +332,26 @@ def pin_command(
     """Pin a device to a version, whatever its channel or group serves."""
     with _errors():
         previous = _open(registry).pin(device, version)
-        if as_json:
-            _echo_json({"device": device, "version": version, "previous": previous})
-            return
-        typer.echo(f"pinned {device} to {version}" + (f" (was {previous})" if previous else ""))
+        text = f"pinned {device} to {version}" + (f" (was {previous})" if previous else "")
+        _report(as_json, {"device": device, "version": version, "previous": previous}, text)
 
 
 @models_app.command("unpin")
 def unpin_command(
-    device: Annotated[str, typer.Argument(help="Device id.")],
+    device: DeviceArg,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a device's pin: it follows its channel (and group) again."""
     with _errors():
         previous = _open(registry).unpin(device)
-        if as_json:
-            _echo_json({"device": device, "previous": previous})
-            return
-        typer.echo(f"unpinned {device} (was {previous})" if previous else f"{device} was not pinned")
+        text = f"unpinned {device} (was {previous})" if previous else f"{device} was not pinned"
+        _report(as_json, {"device": device, "previous": previous}, text)
 
 
 @models_app.command("assign")
 def assign_command(
-    device: Annotated[str, typer.Argument(help="Device id.")],
+    device: DeviceArg,
     group: Annotated[str, typer.Argument(help="Device group (targets of `promote --group`).")],
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
@@ -358,25 +359,21 @@ def assign_command(
     """Put a device in a group; the group's releases then win over its channel's."""
     with _errors():
         previous = _open(registry).assign(device, group)
-        if as_json:
-            _echo_json({"device": device, "group": group, "previous": previous})
-            return
-        typer.echo(f"{device} is in group {group}" + (f" (was {previous})" if previous else ""))
+        text = f"{device} is in group {group}" + (f" (was {previous})" if previous else "")
+        _report(as_json, {"device": device, "group": group, "previous": previous}, text)
 
 
 @models_app.command("unassign")
 def unassign_command(
-    device: Annotated[str, typer.Argument(help="Device id.")],
+    device: DeviceArg,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
     """Take a device out of its group."""
     with _errors():
         previous = _open(registry).assign(device, None)
-        if as_json:
-            _echo_json({"device": device, "previous": previous})
-            return
-        typer.echo(f"{device} left group {previous}" if previous else f"{device} was in no group")
+        text = f"{device} left group {previous}" if previous else f"{device} was in no group"
+        _report(as_json, {"device": device, "previous": previous}, text)
 
 
 @models_app.command("public-key")
