@@ -34,7 +34,6 @@ from typing import Literal
 
 import paho.mqtt.client as mqtt
 from google.protobuf.message import DecodeError
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import Field, SecretStr
@@ -44,6 +43,7 @@ from edgeloop import topics
 from edgeloop.config_base import StrictModel
 from edgeloop.convert import ack_from_pb
 from edgeloop.domain import Ack
+from edgeloop.mqtt_client import new_client
 from edgeloop.pubacks import PubackWaiter
 from edgeloop.tls import TLSError, client_ssl_context
 from edgeloop.v1 import frames_pb2
@@ -135,23 +135,19 @@ class MqttTransport(Transport):
         self._started = False
         self._closed = False
 
-        if self._v5:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
-        else:
-            client = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=self.client_id,
-                protocol=mqtt.MQTTv311,
-                clean_session=False,
-            )
-        if config.username is not None:
-            password = config.password.get_secret_value() if config.password is not None else None
-            client.username_pw_set(config.username, password)
-        if config.tls is not None:
-            try:
-                client.tls_set_context(client_ssl_context(config.tls))
-            except TLSError as err:
-                raise TransportError(str(err)) from err
+        try:
+            ssl_context = client_ssl_context(config.tls) if config.tls is not None else None
+        except TLSError as err:
+            raise TransportError(str(err)) from err
+        # A persistent session: acks queued while the agent is away reach it when it is back.
+        client = new_client(
+            self.client_id,
+            mqttv5=self._v5,
+            clean_session=False,
+            username=config.username,
+            password=config.password,
+            ssl_context=ssl_context,
+        )
         client.connect_timeout = config.connect_timeout_s
         client.reconnect_delay_set(config.reconnect_min_delay_s, config.reconnect_max_delay_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(config.max_inflight)

@@ -71,6 +71,7 @@ from edgeloop import topics
 from edgeloop.config_base import ConfigError, StrictModel
 from edgeloop.convert import ack_to_pb, device_status_from_pb, peek_frame_id
 from edgeloop.domain import Ack, AckStatus
+from edgeloop.mqtt_client import new_client
 from edgeloop.tls import TLSError, client_ssl_context
 from edgeloop.v1 import frames_pb2
 from server.ingest.base import AllowAllDevices, DeviceDirectory, FrameRejected, Identity, Ingestor, RejectCode
@@ -359,11 +360,9 @@ class MqttBridge:
 
     def _make_paho(self, client_id: str, tls_context: ssl.SSLContext | None) -> mqtt.Client:
         cfg = self.config
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
-        if tls_context is not None:
-            client.tls_set_context(tls_context)
+        client = new_client(
+            client_id, username=cfg.username, password=cfg.password, ssl_context=tls_context, manual_ack=True
+        )
         client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]
         # Acks are the only publishes, at most one per frame in flight: the same window keeps
         # paho from holding any back (a held-back ack could go out after its frame's PUBACK).

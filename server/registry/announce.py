@@ -27,12 +27,12 @@ import time
 from typing import Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import Field, SecretStr
 
 from edge_agent.transports.base import TLSConfig
 from edgeloop import topics
 from edgeloop.config_base import StrictModel
+from edgeloop.mqtt_client import new_client
 from edgeloop.pubacks import PubackWaiter
 from edgeloop.tls import TLSError, client_ssl_context
 from server.registry.store import ModelRegistry
@@ -106,20 +106,18 @@ class ReleaseAnnouncer:
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
 
-        if self._v5:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv5)
-        else:
-            client = mqtt.Client(
-                CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=mqtt.MQTTv311, clean_session=True
-            )
-        if config.username is not None:
-            password = config.password.get_secret_value() if config.password is not None else None
-            client.username_pw_set(config.username, password)
-        if config.tls is not None:
-            try:
-                client.tls_set_context(client_ssl_context(config.tls))
-            except TLSError as err:
-                raise AnnounceError(str(err)) from err
+        try:
+            ssl_context = client_ssl_context(config.tls) if config.tls is not None else None
+        except TLSError as err:
+            raise AnnounceError(str(err)) from err
+        client = new_client(
+            config.client_id,
+            mqttv5=self._v5,
+            clean_session=True,
+            username=config.username,
+            password=config.password,
+            ssl_context=ssl_context,
+        )
         client.connect_timeout = config.connect_timeout_s
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
