@@ -262,7 +262,9 @@ def main() -> None:
         # One media store for every round, warmed up first: its 4,096 shard folders are created
         # (and fsync'd) on first use, which a long-running server has long done.
         media = LocalMediaStore(work / "media")
-        media.put_many([(f"{i:04x}{'0' * 28}", b"warm-up", "jpg") for i in range(1 << 14)])
+        for i in range(1 << 14):
+            media.write_new(f"{i:04x}{'0' * 28}", b"warm-up", "jpg")
+        media.commit()
 
         # One core for every round, warmed up: its first batch imports half of FiftyOne's
         # dependencies, a one-time cost a running server has long paid.

@@ -13,11 +13,13 @@ costs that put one more ``fsync``. Temporary files go to ``root/.tmp`` (same fil
 ``os.replace`` is atomic) and leftovers of a crash older than :data:`STALE_TEMP_S` are swept at
 start-up.
 
-Durability of :meth:`LocalMediaStore.put`: write the file (a new name directly, an existing one
-through a temp file and ``os.replace``), ``fsync`` it, ``fsync`` the final folder (and the
-parents of any folder it had to create). When ``put`` returns, the file survives a power cut
-with exactly the bytes given. :meth:`LocalMediaStore.put_many` makes a whole batch durable with
-one ``syncfs`` instead.
+Durability: :meth:`LocalMediaStore.write_new` writes a new name directly,
+:meth:`LocalMediaStore.replace` an existing one through a temp file and ``os.replace``; neither
+is durable until :meth:`LocalMediaStore.commit`, one ``syncfs`` for every write before it (where
+``syncfs`` is missing: an ``fsync`` of each file and folder written since the last commit). A new
+folder's entry is synced in its parent when the folder is made. :meth:`LocalMediaStore.put` is
+all of it for one frame: when it returns, the file survives a power cut with exactly the bytes
+given.
 
 Object storage
 --------------
@@ -54,7 +56,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -114,10 +115,6 @@ class MediaStore(Protocol):
 
     def put(self, frame_id: str, data: bytes, ext: str) -> Path:
         """Store ``data`` durably and return its local path; idempotent per (frame_id, ext)."""
-        ...
-
-    def put_many(self, items: Sequence[tuple[str, bytes, str]]) -> list[Path | Exception]:
-        """``put`` for several ``(frame_id, data, ext)`` at once; each result is a path or the error."""
         ...
 
     def write_new(self, frame_id: str, data: bytes, ext: str) -> Path | None:
@@ -204,25 +201,6 @@ class LocalMediaStore:
             path = self.replace(frame_id, data, ext)
         self.commit()
         return path
-
-    def put_many(self, items: Sequence[tuple[str, bytes, str]]) -> list[Path | Exception]:
-        """Store several frames with one group commit: every file is written (new names directly,
-        existing ones replaced through a temp file), then one :meth:`commit` makes all of them
-        durable at once, instead of two fsyncs per file. Returns each item's path, or the
-        exception that item raised; the paths are durable when this returns.
-        """
-        results: list[Path | Exception] = []
-        for frame_id, data, ext in items:
-            try:
-                path = self.write_new(frame_id, data, ext)
-                results.append(path if path is not None else self.replace(frame_id, data, ext))
-            except Exception as err:  # one bad item fails alone
-                results.append(err)
-        try:
-            self.commit()
-        except OSError as err:
-            return [err if isinstance(r, Path) else r for r in results]
-        return results
 
     def write_new(self, frame_id: str, data: bytes, ext: str) -> Path | None:
         """Write a new frame straight to its final name; None (nothing written) if the name exists.

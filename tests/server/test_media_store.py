@@ -116,7 +116,11 @@ def test_a_partial_leftover_is_replaced_atomically(tmp_path: Path, monkeypatch: 
         return real_open(file, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", recording_open)
-    [result] = store.put_many([("abcdef0123456789", b"whole frame", "jpg")])
+    # What the ingest core does: the new-name write finds the name taken, then replaces the file.
+    assert store.write_new("abcdef0123456789", b"whole frame", "jpg") is None
+    assert path.read_bytes() == b"partial"
+    result = store.replace("abcdef0123456789", b"whole frame", "jpg")
+    store.commit()
     assert result == path and path.read_bytes() == b"whole frame"
     # The final name was only tried with O_EXCL (which failed): never truncated or written in place.
     assert opened.count(str(path)) == 1 and any(o.endswith(".tmp") for o in opened)
@@ -217,25 +221,28 @@ def test_extension_for() -> None:
         extension_for("image/gif")
 
 
-def test_put_many_commits_the_whole_batch_with_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_batch_of_writes_is_committed_with_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Group commit: no per-file fsync, one syncfs for the batch, every file complete afterwards;
-    a failing syncfs fails every item (none may be acknowledged)."""
+    a failing syncfs raises (none of the batch may be acknowledged)."""
     import server.store.media as media
 
     if media._syncfs is None:
-        pytest.skip("syncfs(2) is not available on this platform (put_many falls back to put)")
+        pytest.skip("syncfs(2) is not available on this platform (commit fsyncs each file instead)")
     store = LocalMediaStore(tmp_path / "media")
     synced = _count_fsyncs(monkeypatch)
     calls: list[int] = []
     real_syncfs = media._syncfs
     monkeypatch.setattr(media, "_syncfs", lambda fd: calls.append(fd) or real_syncfs(fd))
     items = [(f"{i:032x}", bytes([i]) * 1000, "jpg") for i in range(10)]
-    paths = store.put_many(items)
+    paths = [store.write_new(*item) for item in items]
+    store.commit()
     assert len(calls) == 1
     assert not [p for p in synced if p.endswith((".jpg", ".tmp"))]  # no per-file fsync
     for (fid, data, ext), path in zip(items, paths, strict=True):
         assert path == store.path_for(fid, ext) and path.read_bytes() == data
 
     monkeypatch.setattr(media, "_syncfs", lambda fd: -1)
-    failed = store.put_many([(f"{i:032x}", b"x", "jpg") for i in range(20, 23)])
-    assert all(isinstance(r, OSError) for r in failed)
+    for i in range(20, 23):
+        store.write_new(f"{i:032x}", b"x", "jpg")
+    with pytest.raises(OSError):
+        store.commit()
