@@ -245,19 +245,10 @@ class IngestCore:
                 existing = self.inbox.existing_ids(r.frame_id for r in taken)
             except PyMongoError as err:
                 logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(taken), err)
-                existing = set()
                 prepared.acks.update((r.frame_id, _retry(r.frame_id, err)) for r in taken)
-                taken = []
-            for record in taken:
-                fid = record.frame_id
-                if fid in existing:
-                    prepared.acks[fid] = Ack(fid, AckStatus.DUPLICATE, "already stored")
-                    continue
-                try:  # a resend of a frame that was never stored, or a crash leftover: replace it whole
-                    paths[fid] = self.media.replace(fid, record.image, extension_for(record.media_type))
-                except Exception as err:
-                    logger.error("media store failed for frame %s: %s", fid, err)
-                    prepared.acks[fid] = Ack(fid, AckStatus.RETRY, f"media store failed: {err}")
+            else:
+                for record in taken:
+                    self._replace_taken(record, existing, paths, prepared.acks)
         if paths:
             try:
                 self.media.commit()
@@ -269,13 +260,30 @@ class IngestCore:
         prepared.written = [(prepared.first[fid].record, path) for fid, path in paths.items()]
         return prepared
 
+    def _replace_taken(
+        self, record: FrameRecord, existing: set[str], paths: dict[str, Path], acks: dict[str, Ack]
+    ) -> None:
+        """A frame whose file name existed: a duplicate if its sample exists, else (a resend of a
+        frame never stored, or a crash leftover) its file is replaced whole."""
+        fid = record.frame_id
+        if fid in existing:
+            acks[fid] = Ack(fid, AckStatus.DUPLICATE, "already stored")
+            return
+        try:
+            paths[fid] = self.media.replace(fid, record.image, extension_for(record.media_type))
+        except Exception as err:
+            logger.error("media store failed for frame %s: %s", fid, err)
+            acks[fid] = Ack(fid, AckStatus.RETRY, f"media store failed: {err}")
+
     def _commit(self, prepared: _Prepared) -> None:
         """Steps 6-7 (the database thread): insert the samples of durable images, answer every frame."""
         acks = prepared.acks
         # Only now, with every image durable, may their samples exist.
         if prepared.written:
             try:
-                # The media thread has just looked up which ids are stored.
+                # No second look-up: a new file name means no sample yet (samples are written only
+                # after their files), the media thread looked up the names that existed, and the
+                # unique index catches a copy inserted meanwhile.
                 stored, duplicates = self.inbox.add_records(prepared.written, check_existing=False)
             except PyMongoError as err:
                 logger.warning("database unavailable, %d frame(s) answered RETRY: %s", len(prepared.written), err)
