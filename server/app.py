@@ -12,11 +12,15 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from server.store.inbox import Inbox
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ def _mtls_identity(context: grpc.ServicerContext) -> str | None:
     return names[0].decode() if names else None
 
 
-def freeze_startup_heap(inbox: object | None = None) -> None:
+def freeze_startup_heap(inbox: Inbox | None = None) -> None:
     """Load what the server will use, then exclude everything alive from garbage collection.
 
     FiftyOne, pymongo and gRPC leave ~250,000 objects that live as long as the process. Every
@@ -37,7 +41,7 @@ def freeze_startup_heap(inbox: object | None = None) -> None:
     """
     if inbox is not None:
         try:
-            _ = inbox.dataset  # type: ignore[attr-defined]  # imports FiftyOne and opens the dataset now
+            _ = inbox.dataset  # imports FiftyOne and opens the dataset now
         except Exception as err:  # the database may be down; the ingest core retries on its own
             logger.warning("could not open the inbox at start-up (%s); it is opened on first use", err)
     gc.collect()
