@@ -481,9 +481,10 @@ class MqttBridge:
         return True
 
     def _rejected(self, bc: _Client, device_id: str | None, topic: str, err: FrameRejected) -> None:
-        self.metrics.frames_rejected.labels(TRANSPORT, err.code.value).inc()
         frame = err.frame_id or "(no frame id)"
         logger.warning("MQTT frame %s on %s rejected: %s", frame, topic, err)
+        # Counted after the log line: whoever sees the counter move can also find the line.
+        self.metrics.frames_rejected.labels(TRANSPORT, err.code.value).inc()
         if err.frame_id and device_id is not None:
             # REJECTED tells the agent not to resend what can never be accepted.
             self._publish_ack(bc, device_id, Ack(err.frame_id, AckStatus.REJECTED, str(err)))
