@@ -10,6 +10,9 @@ receiver on the same transport in the same run, and FiftyOne samples/s on their 
   ``syncfs``), and the FiftyOne inbox on the bundled MongoDB with journaled writes; an ack only
   after both are durable.
 * FiftyOne: ``Inbox.add_records`` in batches of 64, no transport, no media.
+* ``--workers N``: the server side runs in N processes, as the server's ``workers: N`` does
+  (gRPC sharing the port with SO_REUSEPORT, MQTT bridges in one shared group), for the no-op and
+  the stored path alike; the no-op also runs in one process, and the faster no-op is the baseline.
 
 The client is the agent's own transport, sending batches of real frames (the COCO images as the
 agent encodes them, ~100 KB).
@@ -91,16 +94,21 @@ def _machine_busy() -> tuple[float, float]:
 
 
 class CpuMeter:
-    """CPU seconds per frame of each process taking part in a round, and how busy the machine was."""
+    """CPU seconds per frame of each role taking part in a round (one process, or several summed,
+    e.g. the server's workers), and how busy the machine was."""
 
-    def __init__(self, pids: dict[str, int | None]) -> None:
-        self.pids = {name: pid for name, pid in pids.items() if pid}
-        self.before = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+    def __init__(self, pids: dict[str, int | list[int] | None]) -> None:
+        self.pids = {name: pid if isinstance(pid, list) else [pid] for name, pid in pids.items() if pid}
+        self.before = {name: self._cpu(pids) for name, pids in self.pids.items()}
         self.machine = _machine_busy()
+
+    @staticmethod
+    def _cpu(pids: list[int]) -> float:
+        return sum(_cpu_seconds(pid) for pid in pids)
 
     def per_frame_us(self, frames: int, clients_cpu: float) -> dict[str, float]:
         busy, total = _machine_busy()
-        out = {name: (_cpu_seconds(pid) - self.before[name]) / frames * 1e6 for name, pid in self.pids.items()}
+        out = {name: (self._cpu(pids) - self.before[name]) / frames * 1e6 for name, pids in self.pids.items()}
         out["client"] = clients_cpu / frames * 1e6
         out["machine_busy"] = (busy - self.machine[0]) / max(total - self.machine[1], 1e-9)
         return out
@@ -141,6 +149,8 @@ def _client(kind: str, port: int, n: int, seed: str, ready, go, out) -> None:
 
 #: Processes whose CPU each round accounts for, besides the clients (set in main()).
 WATCHED: dict[str, int | None] = {}
+#: The extra server processes (``--workers``), counted as the server.
+WORKER_PIDS: list[int] = []
 #: Per round: CPU microseconds per frame by process, and the machine's busy fraction.
 CPU_LOG: list[tuple[str, dict[str, float]]] = []
 
@@ -158,7 +168,7 @@ def run_clients(kind: str, port: int, n: int, clients: int, label: str = "") -> 
         proc.start()
     for _ in procs:
         ready.get(timeout=600)
-    meter = CpuMeter({"server": os.getpid(), **WATCHED})
+    meter = CpuMeter({"server": [os.getpid(), *WORKER_PIDS], **WATCHED})
     go.set()
     results = [out.get(timeout=600) for _ in procs]
     CPU_LOG.append((label or kind, meter.per_frame_us(per * clients, sum(cpu for _, cpu in results))))
@@ -167,39 +177,149 @@ def run_clients(kind: str, port: int, n: int, clients: int, label: str = "") -> 
     return per * clients / max(elapsed for elapsed, _ in results)
 
 
-def _label(kind: str, ingestor) -> str:
-    return f"{kind}_noop" if isinstance(ingestor, NoopIngestor) else kind
+def _label(kind: str, ingestor, workers: Workers | None, processes: int) -> str:
+    label = f"{kind}_noop" if isinstance(ingestor, NoopIngestor) else kind
+    return f"{label}_1p" if workers is None and processes > 1 else label
 
 
-def grpc_round(ingestor, n: int, clients: int) -> float:
+def start_grpc(ingestor, port: int, reuse_port: bool) -> tuple[object, int]:
     from server.ingest.grpc_service import GrpcServerConfig, IngestServicer, build_grpc_server
     from server.ingest.heartbeats import HeartbeatStore
     from server.metrics import ServerMetrics
 
     servicer = IngestServicer(ingestor, metrics=ServerMetrics(), heartbeats=HeartbeatStore(None))
-    server, port = build_grpc_server(GrpcServerConfig(port=0), [servicer.add_to_server])
+    server, port = build_grpc_server(GrpcServerConfig(port=port), [servicer.add_to_server], reuse_port=reuse_port)
     server.start()
-    try:
-        return run_clients("grpc", port, n, clients, _label("grpc", ingestor))
-    finally:
-        server.stop(1).wait()
+    return server, port
 
 
-def mqtt_round(ingestor, n: int, broker, clients: int) -> float:
+def start_bridge(ingestor, broker_port: int, group: str, client_prefix: str):
     from server.ingest.heartbeats import HeartbeatStore
     from server.ingest.mqtt_bridge import MqttBridge, MqttBridgeConfig
     from server.metrics import ServerMetrics
 
-    group = f"bench-{uuid.uuid4().hex[:6]}"
     bridge = MqttBridge(
-        MqttBridgeConfig(enabled=True, port=broker.port, shared_group=group, client_id_prefix=group),
+        MqttBridgeConfig(enabled=True, port=broker_port, shared_group=group, client_id_prefix=client_prefix),
         ingestor,
         metrics=ServerMetrics(),
         heartbeats=HeartbeatStore(None),
     ).start()
     bridge.wait_ready(10)
+    return bridge
+
+
+class Workers:
+    """Server processes 1..N-1 (``--workers``), as ``server.workers`` runs them: each with its own
+    ingest core on the same media store and dataset, serving the round's transport beside this
+    process (gRPC on the same port with SO_REUSEPORT, MQTT in the same shared group)."""
+
+    def __init__(self, n: int, uri: str, work: Path, dataset: str, decode: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns = []
+        self.procs = []
+        for index in range(1, n):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(index, uri, str(work), dataset, decode, theirs))
+            proc.start()
+            theirs.close()
+            self.conns.append(ours)
+            self.procs.append(proc)
+        for conn, proc in zip(self.conns, self.procs, strict=True):
+            if conn.recv() != "ready":
+                raise RuntimeError(f"bench worker {proc.name} failed")
+            WORKER_PIDS.append(proc.pid)
+
+    def up(self, kind: str, noop: bool, port: int, group: str = "") -> None:
+        for conn in self.conns:
+            conn.send((kind, noop, port, group))
+        for conn in self.conns:
+            assert conn.recv() == "up"
+
+    def down(self) -> None:
+        for conn in self.conns:
+            conn.send("down")
+        for conn in self.conns:
+            assert conn.recv() == "down"
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for proc in self.procs:
+            proc.join(60)
+        WORKER_PIDS.clear()
+
+
+def _worker(index: int, uri: str, work: str, dataset: str, decode: str, conn) -> None:
+    from server.store.mongo import configure_fiftyone
+
+    configure_fiftyone(uri, Path(work) / "fiftyone")
+    core = _make_core(Path(work), dataset, decode)
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        kind, noop, port, group = msg
+        ingestor = NoopIngestor() if noop else core
+        if kind == "grpc":
+            server, _ = start_grpc(ingestor, port, reuse_port=True)
+        else:
+            bridge = start_bridge(ingestor, port, group, f"{group}-w{index}")
+        conn.send("up")
+        assert conn.recv() == "down"
+        if kind == "grpc":
+            server.stop(1).wait()
+        else:
+            bridge.stop()
+        conn.send("down")
+    core.close()
+
+
+def _make_core(work: Path, dataset: str, decode: str):
+    """An ingest core on the shared media store and dataset, warmed up (its first batch imports
+    half of FiftyOne's dependencies, a one-time cost a running server has long paid) and with the
+    start-up heap frozen, as ``edgeloop server run`` does."""
+    from server.app import freeze_startup_heap
+    from server.ingest.base import AllowAllDevices, Identity
+    from server.ingest.core import IngestCore
+    from server.ingest.validation import ValidationConfig
+    from server.metrics import ServerMetrics
+    from server.store.inbox import Inbox, InboxConfig
+    from server.store.media import LocalMediaStore
+
+    inbox = Inbox(InboxConfig(dataset=dataset))
+    validation = ValidationConfig(decode_images=decode)
+    core = IngestCore(
+        LocalMediaStore(work / "media"), inbox, AllowAllDevices(), validation, ServerMetrics(), batch_size=64
+    )
+    for fut in [core.submit(p, Identity("grpc", None)) for _, p in make_payloads(128, uuid.uuid4().hex[:8])]:
+        fut.result()
+    freeze_startup_heap()
+    return core
+
+
+def grpc_round(ingestor, n: int, clients: int, workers: Workers | None, processes: int = 1) -> float:
+    server, port = start_grpc(ingestor, 0, reuse_port=workers is not None)
     try:
-        return run_clients("mqtt", broker.port, n, clients, _label("mqtt", ingestor))
+        if workers is not None:
+            workers.up("grpc", isinstance(ingestor, NoopIngestor), port)
+        try:
+            return run_clients("grpc", port, n, clients, _label("grpc", ingestor, workers, processes))
+        finally:
+            if workers is not None:
+                workers.down()
+    finally:
+        server.stop(1).wait()
+
+
+def mqtt_round(ingestor, n: int, broker, clients: int, workers: Workers | None, processes: int = 1) -> float:
+    group = f"bench-{uuid.uuid4().hex[:6]}"
+    bridge = start_bridge(ingestor, broker.port, group, group)
+    try:
+        if workers is not None:
+            workers.up("mqtt", isinstance(ingestor, NoopIngestor), broker.port, group)
+        try:
+            return run_clients("mqtt", broker.port, n, clients, _label("mqtt", ingestor, workers, processes))
+        finally:
+            if workers is not None:
+                workers.down()
     finally:
         bridge.stop()
 
@@ -233,6 +353,9 @@ def main() -> None:
         default="structure",
         help="validation.decode_images of the stored path (the server default: structure)",
     )
+    ap.add_argument(
+        "--workers", type=int, default=1, help="server processes (the server's `workers`), for no-op and stored alike"
+    )
     ap.add_argument("--write", type=Path, default=None, help="Append the result table to this markdown file.")
     args = ap.parse_args()
 
@@ -243,10 +366,7 @@ def main() -> None:
         mongo = MongoManager(MongoConfig(db_dir=work / "mongo"))
         uri = mongo.ensure_running()
         configure_fiftyone(uri, work / "fiftyone")
-        from server.ingest.base import AllowAllDevices
         from server.ingest.core import IngestCore
-        from server.ingest.validation import ValidationConfig
-        from server.metrics import ServerMetrics
         from server.store.inbox import Inbox, InboxConfig
         from server.store.media import LocalMediaStore
         from tests.fixtures.mosquitto import MosquittoBroker, _free_port
@@ -257,7 +377,10 @@ def main() -> None:
         WATCHED.update(mongod=mongo.running_pid(), broker=broker.process.pid if broker.process else None)
         payloads = make_payloads(args.frames)
         size = sum(len(p) for _, p in payloads) / len(payloads)
-        results: dict[str, list[float]] = {k: [] for k in ("grpc_noop", "grpc", "mqtt_noop", "mqtt", "fiftyone")}
+        keys = ["grpc_noop", "grpc", "mqtt_noop", "mqtt", "fiftyone"]
+        if args.workers > 1:
+            keys += ["grpc_noop_1p", "mqtt_noop_1p"]
+        results: dict[str, list[float]] = {k: [] for k in keys}
         cores = []
         # One media store for every round, warmed up first: its 4,096 shard folders are created
         # (and fsync'd) on first use, which a long-running server has long done.
@@ -266,19 +389,11 @@ def main() -> None:
             media.write_new(f"{i:04x}{'0' * 28}", b"warm-up", "jpg")
         media.commit()
 
-        # One core for every round, warmed up: its first batch imports half of FiftyOne's
-        # dependencies, a one-time cost a running server has long paid.
-        inbox = Inbox(InboxConfig(dataset=f"bench-{uuid.uuid4().hex[:8]}"))
-        validation = ValidationConfig(decode_images=args.decode)
-        core = IngestCore(media, inbox, AllowAllDevices(), validation, ServerMetrics(), batch_size=64)
-        cores.append((core, inbox))
-        from server.ingest.base import Identity
-
-        for fut in [core.submit(p, Identity("grpc", None)) for _, p in make_payloads(128)]:
-            fut.result()
-        from server.app import freeze_startup_heap
-
-        freeze_startup_heap()  # as `edgeloop server run` does once started (no-op and stored rounds alike)
+        # One core per server process for every round (see _make_core).
+        dataset = f"bench-{uuid.uuid4().hex[:8]}"
+        core = _make_core(work, dataset, args.decode)
+        cores.append((core, None))
+        workers = Workers(args.workers, uri, work, dataset, args.decode) if args.workers > 1 else None
 
         def real_core() -> IngestCore:
             return core
@@ -286,10 +401,16 @@ def main() -> None:
         try:
             for r in range(args.repeats):
                 # Each client makes new frame ids: every round stores, none is a duplicate.
-                results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames, args.clients))
-                results["grpc"].append(grpc_round(real_core(), args.frames, args.clients))
-                results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker, args.clients))
-                results["mqtt"].append(mqtt_round(real_core(), args.frames, broker, args.clients))
+                results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames, args.clients, workers))
+                results["grpc"].append(grpc_round(real_core(), args.frames, args.clients, workers))
+                results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker, args.clients, workers))
+                results["mqtt"].append(mqtt_round(real_core(), args.frames, broker, args.clients, workers))
+                if workers is not None:  # the no-op in one process too: the baseline is the faster of the two
+                    noop = NoopIngestor()
+                    results["grpc_noop_1p"].append(grpc_round(noop, args.frames, args.clients, None, args.workers))
+                    results["mqtt_noop_1p"].append(
+                        mqtt_round(noop, args.frames, broker, args.clients, None, args.workers)
+                    )
                 inbox = Inbox(InboxConfig(dataset=f"bench-fo-{uuid.uuid4().hex[:8]}"))
                 recs = [(parse_frame(p), work / f"x{i}.jpg") for i, (_, p) in enumerate(make_payloads(args.frames))]
                 t0 = time.perf_counter()
@@ -298,36 +419,34 @@ def main() -> None:
                 results["fiftyone"].append(len(recs) / (time.perf_counter() - t0))
                 print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()), flush=True)
         finally:
+            if workers is not None:
+                workers.close()
             for core, _inbox in cores:
                 core.close()
             broker.stop()
             mongo.stop()
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    rows = [
-        ("gRPC, no-op receiver", med["grpc_noop"], "1.000"),
-        (
-            f"gRPC, stored (validation with decode_images={args.decode}, group-committed media, journaled insert)",
-            med["grpc"],
-            f"{med['grpc'] / med['grpc_noop']:.3f}",
-        ),
-        ("MQTT via Mosquitto, no-op receiver", med["mqtt_noop"], "1.000"),
-        (
-            f"MQTT via Mosquitto, stored (decode_images={args.decode})",
-            med["mqtt"],
-            f"{med['mqtt'] / med['mqtt_noop']:.3f}",
-        ),
-        ("FiftyOne inbox alone (add_records, batches of 64)", med["fiftyone"], "-"),
-    ]
+    rows = []
+    for kind, name in (("grpc", "gRPC"), ("mqtt", "MQTT via Mosquitto")):
+        # With several server processes the no-op runs both ways; the faster is the baseline.
+        noops = {args.workers: med[f"{kind}_noop"], 1: med.get(f"{kind}_noop_1p", med[f"{kind}_noop"])}
+        base = max(noops.values())
+        for procs in sorted(set(noops)):
+            rows.append((f"{name}, no-op receiver, {procs} process(es)", noops[procs], f"{noops[procs] / base:.3f}"))
+        stored = f"{name}, stored in {args.workers} process(es) (decode_images={args.decode}, group-committed media, "
+        rows.append((stored + "journaled insert)", med[kind], f"{med[kind] / base:.3f}"))
+    rows.append(("FiftyOne inbox alone (add_records, batches of 64)", med["fiftyone"], "-"))
     table = (
         f"### Server ingest ({time.strftime('%Y-%m-%d')})\n\n"
         f"`bench/ingest.py --frames {args.frames} --repeats {args.repeats} --clients {args.clients} "
-        f"--decode {args.decode}`: {platform.machine()}, "
+        f"--decode {args.decode} --workers {args.workers}`: {platform.machine()}, "
         f"{os.cpu_count()} cores; frames of {size / 1024:.0f} KB on average (the COCO images as the agent "
         f"encodes them: JPEG q90, longest side 640; 5 boxes), batches of {BATCH}; "
-        f"{args.clients} client process(es), server, broker and bundled MongoDB on one machine; "
+        f"{args.clients} client process(es), {args.workers} server process(es) (no-op and stored alike), broker "
+        "and bundled MongoDB on one machine; "
         f"medians of {args.repeats} alternating rounds.\n\n"
-        "| path | frames/s | ratio to no-op on the same transport |\n|---|---:|---:|\n"
+        "| path | frames/s | ratio to the faster no-op on the same transport |\n|---|---:|---:|\n"
         + "".join(f"| {name} | {fps:.0f} | {ratio} |\n" for name, fps, ratio in rows)
     )
     table += "\n" + cpu_table()

@@ -21,6 +21,7 @@ from server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from server.store.inbox import Inbox
+    from server.workers import WorkerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,24 @@ def freeze_startup_heap(inbox: Inbox | None = None) -> None:
 
 
 class Server:
-    """One edgeloop server. ``start()`` returns once every part is serving; ``stop()`` undoes it."""
+    """One edgeloop server. ``start()`` returns once every part is serving; ``stop()`` undoes it.
 
-    def __init__(self, config: ServerConfig) -> None:
+    With ``config.workers`` above 1 the server runs ingest in that many processes
+    (:mod:`server.workers`): this object is worker 0 and starts the others. A worker (index > 0)
+    is built by :mod:`server.workers` with the main process's ``grpc_port`` and ``db_uri``, and
+    runs only the ingest side: no database management, App or release announcer.
+    """
+
+    def __init__(
+        self, config: ServerConfig, *, worker_index: int = 0, grpc_port: int | None = None, db_uri: str | None = None
+    ) -> None:
         self.config = config
+        self.worker_index = worker_index
         self.metrics = ServerMetrics()
-        self.grpc_port: int | None = None
+        self.grpc_port: int | None = grpc_port
         self.metrics_port: int | None = None
-        self.db_uri: str | None = None
+        self.db_uri: str | None = db_uri
+        self.workers: list[WorkerInfo] = []  # workers 1..N-1, once started
         self._stopped = threading.Event()
         self._parts: list[tuple[str, object]] = []  # (name, stop callable), in start order
 
@@ -73,9 +84,11 @@ class Server:
         from server.store.media import LocalMediaStore
         from server.store.mongo import MongoManager, configure_fiftyone
 
+        main = self.worker_index == 0
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        mongo = MongoManager(cfg.mongo)
-        self.db_uri = mongo.ensure_running()
+        if main:
+            self.db_uri = MongoManager(cfg.mongo).ensure_running()
+        assert self.db_uri is not None, "a worker gets the main process's database URI"
         configure_fiftyone(self.db_uri, cfg.fiftyone_dir)
         from server.store.inbox import Inbox
 
@@ -94,7 +107,7 @@ class Server:
             max_wait_s=cfg.inbox.max_wait_s,
         )
         self._parts.append(("ingest core", self.core.close))
-        self.heartbeats = HeartbeatStore.in_dir(cfg.data_dir)
+        self.heartbeats = HeartbeatStore.in_dir(cfg.data_dir, worker=self.worker_index)
         self._parts.append(("heartbeats", self.heartbeats.close))
         self.registry = ModelRegistry(cfg.registry)
 
@@ -113,19 +126,26 @@ class Server:
             devices=directory,
             max_outstanding_per_stream=cfg.grpc.max_outstanding_per_stream,
         )
+        grpc_config = cfg.grpc if self.grpc_port is None else cfg.grpc.model_copy(update={"port": self.grpc_port})
         server, self.grpc_port = build_grpc_server(
-            cfg.grpc, [ingest.add_to_server, lambda s: add_registry(s, self.registry, authorize=authorize)]
+            grpc_config,
+            [ingest.add_to_server, lambda s: add_registry(s, self.registry, authorize=authorize)],
+            reuse_port=cfg.workers > 1,
         )
         server.start()
         self._parts.append(("gRPC", lambda: server.stop(cfg.grpc.grace_s).wait()))
         logger.info("gRPC ingest and registry on %s:%d", cfg.grpc.host, self.grpc_port)
 
         if cfg.mqtt.enabled:
+            mqtt_config = cfg.mqtt
+            if not main:  # sessions are per client id: each process needs its own, stable ones
+                prefix = f"{cfg.mqtt.client_id_prefix}-w{self.worker_index}"
+                mqtt_config = cfg.mqtt.model_copy(update={"client_id_prefix": prefix})
             self.bridge = MqttBridge(
-                cfg.mqtt, self.core, metrics=self.metrics, heartbeats=self.heartbeats, devices=directory
+                mqtt_config, self.core, metrics=self.metrics, heartbeats=self.heartbeats, devices=directory
             ).start()
             self._parts.append(("MQTT bridge", self.bridge.stop))
-        if cfg.announce is not None:
+        if cfg.announce is not None and main:
             from server.registry.announce import ReleaseAnnouncer
 
             # follow() connects on its own and retries while the broker is down: no start() here,
@@ -136,16 +156,24 @@ class Server:
         if cfg.metrics.enabled:
             from prometheus_client import start_http_server
 
-            http, _thread = start_http_server(cfg.metrics.port, addr=cfg.metrics.host, registry=self.metrics.registry)
+            port = cfg.metrics.port + self.worker_index if cfg.metrics.port else 0
+            http, _thread = start_http_server(port, addr=cfg.metrics.host, registry=self.metrics.registry)
             self.metrics_port = http.server_port
             self._parts.append(("metrics", http.shutdown))
-        if cfg.app.enabled:
+        if cfg.app.enabled and main:
             from server.curation_app import CurationApp
 
             _ = self.inbox.dataset  # created now, so the App lists it from the first page on
             self.app = CurationApp(self.db_uri, cfg.fiftyone_dir, cfg.app.host, cfg.app.port)
             self._parts.append(("FiftyOne App", self.app.stop))
             self.app.wait_ready()
+        if main and cfg.workers > 1:
+            from server.workers import WorkerPool
+
+            # Last: workers share this process's port and database, so both must be up first.
+            pool = WorkerPool(cfg, grpc_port=self.grpc_port, db_uri=self.db_uri).start()
+            self.workers = pool.workers
+            self._parts.append(("ingest workers", pool.stop))
         freeze_startup_heap(self.inbox)
         return self
 

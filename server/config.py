@@ -69,6 +69,16 @@ class ServerConfig(StrictModel):
     devices: DevicesConfig = Field(default_factory=DevicesConfig, description="Device identities and credentials.")
     app: FiftyOneAppConfig = Field(default_factory=FiftyOneAppConfig, description="The FiftyOne App.")
     metrics: ServerMetricsConfig = Field(default_factory=ServerMetricsConfig, description="Prometheus metrics.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Ingest processes on this machine (server.workers): each has its own GIL, so storing scales past "
+            "one core. They share the gRPC port (SO_REUSEPORT) and the MQTT shared-subscription group; worker i "
+            "serves metrics on metrics.port + i."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

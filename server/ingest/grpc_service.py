@@ -439,7 +439,7 @@ def _who(identity: Identity) -> str:
 ServicerAdder = Callable[[grpc.Server], None]
 
 
-def server_options(config: GrpcServerConfig) -> list[tuple[str, int]]:
+def server_options(config: GrpcServerConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     """The channel arguments :func:`build_grpc_server` uses (message limits, keepalive)."""
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -450,13 +450,18 @@ def server_options(config: GrpcServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         # gRPC sets SO_REUSEPORT by default: a second server on the same port would start
-        # without error and silently take half the connections.
-        ("grpc.so_reuseport", 0),
+        # without error and silently take half the connections. Only a server's own ingest
+        # workers (server.workers) share the port on purpose.
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 
-def build_grpc_server(config: GrpcServerConfig, servicers: Sequence[ServicerAdder]) -> tuple[grpc.Server, int]:
+def build_grpc_server(
+    config: GrpcServerConfig, servicers: Sequence[ServicerAdder], *, reuse_port: bool = False
+) -> tuple[grpc.Server, int]:
     """Make a (not yet started) gRPC server with every service in ``servicers`` and bind its port.
+
+    ``reuse_port`` lets other processes bind the same port (``SO_REUSEPORT``), for ingest workers.
 
     Returns:
         The server (call ``start()``; stop it with ``stop(config.grace_s)``) and the bound port,
@@ -468,7 +473,7 @@ def build_grpc_server(config: GrpcServerConfig, servicers: Sequence[ServicerAdde
     workers = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc-server")
     server = grpc.server(
         workers,
-        options=server_options(config),
+        options=server_options(config, reuse_port=reuse_port),
         maximum_concurrent_rpcs=config.max_concurrent_streams or config.max_workers,
     )
     for add in servicers:

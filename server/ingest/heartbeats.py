@@ -58,9 +58,11 @@ class HeartbeatStore:
             self._load(self.path)
 
     @classmethod
-    def in_dir(cls, data_dir: Path, **kwargs: Any) -> HeartbeatStore:
-        """The store kept in ``data_dir/heartbeats.json``."""
-        return cls(Path(data_dir) / FILE_NAME, **kwargs)
+    def in_dir(cls, data_dir: Path, *, worker: int = 0, **kwargs: Any) -> HeartbeatStore:
+        """The store kept in ``data_dir/heartbeats.json``, or ``heartbeats-w<worker>.json`` for an
+        ingest worker other than the main process (each keeps the devices that report to it)."""
+        name = FILE_NAME if worker == 0 else f"heartbeats-w{worker}.json"
+        return cls(Path(data_dir) / name, **kwargs)
 
     def record(self, status: DeviceStatus, received_at: float | None = None) -> bool:
         """Keep ``status`` as its device's latest; returns False (and keeps the old one) when the kept

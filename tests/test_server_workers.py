@@ -1,0 +1,140 @@
+"""``workers: 2`` runs ingest in two processes: gRPC connections and MQTT messages are spread over
+both, every frame is stored once, each process counts its own share, and the workers go away with
+the main process -- on a stop, and on a ``kill -9`` of the main process."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge_agent.transports import MqttTransport, MqttTransportConfig
+from edge_agent.transports.grpc import UPLOAD_METHOD
+from edgeloop.convert import ack_from_pb
+from edgeloop.domain import AckStatus
+from edgeloop.v1 import frames_pb2
+from tests.fakes.frames import make_frame
+from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.server_process import ServerProcess, free_port
+
+pytestmark = pytest.mark.slow
+
+CONNECTIONS = 16  # gRPC connections; the kernel hashes each to one of the 2 processes
+PER_CONNECTION = 8
+MQTT_FRAMES = 64
+
+
+def _free_port_pair() -> int:
+    """A port p with p + 1 free as well (worker 1 serves metrics on metrics.port + 1)."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two adjacent free ports")
+
+
+def _stored(metrics_port: int) -> float:
+    text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "edgeloop_server_frames_stored":
+            return sum(s.value for s in family.samples if s.name.endswith("_total"))
+    raise AssertionError("no frames_stored counter")
+
+
+def _upload_on_own_connection(target: str, frames: list[tuple[str, bytes]]) -> list[AckStatus]:
+    # A local subchannel pool: every channel opens its own TCP connection, as separate devices do.
+    with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        call = channel.stream_stream(
+            UPLOAD_METHOD, request_serializer=lambda b: b, response_deserializer=frames_pb2.FrameAck.FromString
+        )(iter(payload for _, payload in frames), timeout=60.0)
+        return [ack_from_pb(ack).status for ack in call]
+
+
+def _worker_pids(main_pid: int) -> list[int]:
+    """The spawned workers (not multiprocessing's resource tracker)."""
+    children = psutil.Process(main_pid).children()
+    return [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
+
+
+def test_two_ingest_processes_share_the_load_store_each_frame_once_and_die_with_the_main_process(
+    tmp_path: Path, fiftyone_env: str, mosquitto_factory: Callable[..., MosquittoBroker]
+) -> None:
+    import fiftyone as fo
+
+    broker = mosquitto_factory()
+    dataset = f"workers-{uuid.uuid4().hex[:8]}"
+    metrics_port = _free_port_pair()
+    config = {
+        "data_dir": str(tmp_path / "server"),
+        "workers": 2,
+        "grpc": {"port": free_port()},
+        "mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port},
+        "mongo": {"uri": fiftyone_env},
+        "inbox": {"dataset": dataset},
+        "devices": {"require_registered": False},
+        "metrics": {"enabled": True, "port": metrics_port},
+    }
+    server = ServerProcess(tmp_path, config).start()
+    try:
+        assert len(_worker_pids(server.proc.pid)) == 1, "worker 1 is not running"
+        assert "ingest worker 1 (pid" in server.log_path.read_text()
+
+        sent: set[str] = set()
+        first = make_frame(0, device="cam-0")
+        for c in range(CONNECTIONS):
+            frames = [make_frame(c * PER_CONNECTION + i, device=f"cam-{c}") for i in range(PER_CONNECTION)]
+            frames[0] = first if c == 0 else frames[0]
+            assert _upload_on_own_connection(server.grpc_target, frames) == [AckStatus.STORED] * PER_CONNECTION
+            sent |= {fid for fid, _ in frames}
+
+        mqtt_frames = [make_frame(1000 + i, device="cam-mqtt") for i in range(MQTT_FRAMES)]
+        transport = MqttTransport(MqttTransportConfig(host="127.0.0.1", port=broker.port), "cam-mqtt")
+        try:
+            acks = transport.send(mqtt_frames)
+        finally:
+            transport.close()
+        assert sorted(a.status for a in acks) == [AckStatus.STORED] * MQTT_FRAMES
+        sent |= {fid for fid, _ in mqtt_frames}
+
+        # Each process stored a share (gRPC: 16 connections hashed over 2 listeners; MQTT: the
+        # shared subscription alternates), and together exactly what was sent.
+        shares = [_stored(metrics_port), _stored(metrics_port + 1)]
+        assert all(share > 0 for share in shares), f"one process stored nothing: {shares}"
+        assert sum(shares) == len(sent)
+        ds = fo.load_dataset(dataset)
+        ds.reload()
+        stored = ds.values("frame_id")
+        assert sorted(stored) == sorted(sent)
+        assert all(Path(p).is_file() for p in ds.values("filepath"))
+
+        # kill -9 of the main process: its workers notice (their pipe closes) and stop on their own.
+        worker_pids = _worker_pids(server.proc.pid)
+        server.kill()
+        gone, alive = psutil.wait_procs([psutil.Process(p) for p in worker_pids if psutil.pid_exists(p)], timeout=60)
+        assert not alive, f"workers outlived the main process: {alive}"
+
+        # The port is free again: a restarted server binds it and stores a resend once.
+        server.start()
+        resend = _upload_on_own_connection(server.grpc_target, [first])
+        assert resend == [AckStatus.DUPLICATE]
+        ds.reload()
+        assert ds.count() == len(sent)
+        worker_pids = _worker_pids(server.proc.pid)
+        assert len(worker_pids) == 1
+    finally:
+        server.stop()
+    # A stop (SIGTERM) ends the workers too, each after draining.
+    gone, alive = psutil.wait_procs([psutil.Process(p) for p in worker_pids if psutil.pid_exists(p)], timeout=60)
+    assert not alive
+    assert server.proc.returncode == 0, server.log_tail()
