@@ -21,7 +21,7 @@ from server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from server.store.inbox import Inbox
-    from server.workers import WorkerInfo
+    from server.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Server:
         self.grpc_port: int | None = grpc_port
         self.metrics_port: int | None = None
         self.db_uri: str | None = db_uri
-        self.workers: list[WorkerInfo] = []  # workers 1..N-1, once started
+        self.worker_pool: WorkerPool | None = None  # workers 1..N-1 (main process, workers > 1)
         self._stopped = threading.Event()
         self._parts: list[tuple[str, object]] = []  # (name, stop callable), in start order
 
@@ -171,9 +171,8 @@ class Server:
             from server.workers import WorkerPool
 
             # Last: workers share this process's port and database, so both must be up first.
-            pool = WorkerPool(cfg, grpc_port=self.grpc_port, db_uri=self.db_uri).start()
-            self.workers = pool.workers
-            self._parts.append(("ingest workers", pool.stop))
+            self.worker_pool = WorkerPool(cfg, grpc_port=self.grpc_port, db_uri=self.db_uri).start()
+            self._parts.append(("ingest workers", self.worker_pool.stop))
         freeze_startup_heap(self.inbox)
         return self
 

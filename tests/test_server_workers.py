@@ -5,6 +5,7 @@ the main process -- on a stop, and on a ``kill -9`` of the main process."""
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +118,22 @@ def test_two_ingest_processes_share_the_load_store_each_frame_once_and_die_with_
         stored = ds.values("frame_id")
         assert sorted(stored) == sorted(sent)
         assert all(Path(p).is_file() for p in ds.values("filepath"))
+
+        # A worker that dies is started again; the server serves throughout.
+        (dead,) = _worker_pids(server.proc.pid)
+        psutil.Process(dead).kill()
+        more = [make_frame(500 + i, device=f"cam-after-{i}") for i in range(4)]
+        for frame in more:  # each on its own connection, while worker 1 is down or starting
+            assert _upload_on_own_connection(server.grpc_target, [frame]) == [AckStatus.STORED]
+        sent |= {fid for fid, _ in more}
+        deadline = time.monotonic() + 120
+        while _worker_pids(server.proc.pid) in ([], [dead]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        wait_for_text = f"ingest worker 1 (pid {_worker_pids(server.proc.pid)[0]}) serving"
+        while wait_for_text not in server.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert wait_for_text in server.log_path.read_text(), server.log_tail()
+        assert f"ingest worker 1 (pid {dead}) exited with code -9" in server.log_path.read_text()
 
         # kill -9 of the main process: its workers notice (their pipe closes) and stop on their own.
         worker_pids = _worker_pids(server.proc.pid)
