@@ -64,7 +64,9 @@ def make_payloads(n: int, seed: str = "") -> list[tuple[str, bytes]]:
 
     from edge_agent.encoding import encode_frame
 
-    images = sorted((ROOT.parent / "shared" / "data" / "coco8" / "images").rglob("*.jpg"))
+    # EDGELOOP_BENCH_IMAGES: another folder of photos, e.g. on a machine without ../shared.
+    folder = os.environ.get("EDGELOOP_BENCH_IMAGES") or ROOT.parent / "shared" / "data" / "coco8" / "images"
+    images = sorted(Path(folder).rglob("*.jpg"))
     encoded = [encode_frame(cv2.imread(str(p)), [], quality=90, max_side=640) for p in images]
     frames = []
     for i in range(n):
@@ -213,13 +215,13 @@ class Workers:
     ingest core on the same media store and dataset, serving the round's transport beside this
     process (gRPC on the same port with SO_REUSEPORT, MQTT in the same shared group)."""
 
-    def __init__(self, n: int, uri: str, work: Path, dataset: str, decode: str) -> None:
+    def __init__(self, n: int, uri: str, work: Path, dataset: str, decode: str, batch_size: int) -> None:
         ctx = mp.get_context("spawn")
         self.conns = []
         self.procs = []
         for index in range(1, n):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(index, uri, str(work), dataset, decode, theirs))
+            proc = ctx.Process(target=_worker, args=(index, uri, str(work), dataset, decode, batch_size, theirs))
             proc.start()
             theirs.close()
             self.conns.append(ours)
@@ -249,11 +251,11 @@ class Workers:
         WORKER_PIDS.clear()
 
 
-def _worker(index: int, uri: str, work: str, dataset: str, decode: str, conn) -> None:
+def _worker(index: int, uri: str, work: str, dataset: str, decode: str, batch_size: int, conn) -> None:
     from server.store.mongo import configure_fiftyone
 
     configure_fiftyone(uri, Path(work) / "fiftyone")
-    core = _make_core(Path(work), dataset, decode)
+    core = _make_core(Path(work), dataset, decode, batch_size)
     conn.send("ready")
     while (msg := conn.recv()) is not None:
         kind, noop, port, group = msg
@@ -272,7 +274,7 @@ def _worker(index: int, uri: str, work: str, dataset: str, decode: str, conn) ->
     core.close()
 
 
-def _make_core(work: Path, dataset: str, decode: str):
+def _make_core(work: Path, dataset: str, decode: str, batch_size: int):
     """An ingest core on the shared media store and dataset, warmed up (its first batch imports
     half of FiftyOne's dependencies, a one-time cost a running server has long paid) and with the
     start-up heap frozen, as ``edgeloop server run`` does."""
@@ -287,7 +289,7 @@ def _make_core(work: Path, dataset: str, decode: str):
     inbox = Inbox(InboxConfig(dataset=dataset))
     validation = ValidationConfig(decode_images=decode)
     core = IngestCore(
-        LocalMediaStore(work / "media"), inbox, AllowAllDevices(), validation, ServerMetrics(), batch_size=64
+        LocalMediaStore(work / "media"), inbox, AllowAllDevices(), validation, ServerMetrics(), batch_size=batch_size
     )
     for fut in [core.submit(p, Identity("grpc", None)) for _, p in make_payloads(128, uuid.uuid4().hex[:8])]:
         fut.result()
@@ -356,6 +358,7 @@ def main() -> None:
     ap.add_argument(
         "--workers", type=int, default=1, help="server processes (the server's `workers`), for no-op and stored alike"
     )
+    ap.add_argument("--batch-size", type=int, default=64, help="the server's inbox.batch_size (its default: 64)")
     ap.add_argument("--write", type=Path, default=None, help="Append the result table to this markdown file.")
     args = ap.parse_args()
 
@@ -373,7 +376,11 @@ def main() -> None:
 
         broker_dir = work / "mosquitto"
         broker_dir.mkdir()
-        broker = MosquittoBroker(workdir=broker_dir, port=_free_port(), extra_conf="max_inflight_messages 0\n").start()
+        # Mosquitto queues at most 1,000 messages per client past its in-flight window and drops
+        # the rest (the agents resend after their ack timeout): 8 devices sending batches of 256
+        # to one bridge client exceed that. A deployment raises it too (deploy/README.md).
+        conf = "max_inflight_messages 0\nmax_queued_messages 0\n"
+        broker = MosquittoBroker(workdir=broker_dir, port=_free_port(), extra_conf=conf).start()
         WATCHED.update(mongod=mongo.running_pid(), broker=broker.process.pid if broker.process else None)
         payloads = make_payloads(args.frames)
         size = sum(len(p) for _, p in payloads) / len(payloads)
@@ -391,9 +398,9 @@ def main() -> None:
 
         # One core per server process for every round (see _make_core).
         dataset = f"bench-{uuid.uuid4().hex[:8]}"
-        core = _make_core(work, dataset, args.decode)
+        core = _make_core(work, dataset, args.decode, args.batch_size)
         cores.append((core, None))
-        workers = Workers(args.workers, uri, work, dataset, args.decode) if args.workers > 1 else None
+        workers = Workers(args.workers, uri, work, dataset, args.decode, args.batch_size) if args.workers > 1 else None
 
         def real_core() -> IngestCore:
             return core
@@ -440,7 +447,7 @@ def main() -> None:
     table = (
         f"### Server ingest ({time.strftime('%Y-%m-%d')})\n\n"
         f"`bench/ingest.py --frames {args.frames} --repeats {args.repeats} --clients {args.clients} "
-        f"--decode {args.decode} --workers {args.workers}`: {platform.machine()}, "
+        f"--decode {args.decode} --workers {args.workers} --batch-size {args.batch_size}`: {platform.machine()}, "
         f"{os.cpu_count()} cores; frames of {size / 1024:.0f} KB on average (the COCO images as the agent "
         f"encodes them: JPEG q90, longest side 640; 5 boxes), batches of {BATCH}; "
         f"{args.clients} client process(es), {args.workers} server process(es) (no-op and stored alike), broker "

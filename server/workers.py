@@ -111,6 +111,7 @@ def worker_main(
     except _Stop:
         logger.info("ingest worker %d: SIGTERM; stopping", index)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the drain short
         server.stop()
 
 
