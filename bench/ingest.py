@@ -338,7 +338,7 @@ def cpu_table() -> str:
         cells = " | ".join(f"{med[k]:.0f}" for k in names)
         rows.append(f"| {label} | {cells} | {total:.0f} | {med['machine_busy']:.0%} |\n")
     return (
-        "CPU per frame (microseconds, medians; `machine busy` is the share of both cores in use):\n\n"
+        "CPU per frame (microseconds, medians; `machine busy` is the share of all cores in use):\n\n"
         "| path | client | server | broker | mongod | total | machine busy |\n|---|---:|---:|---:|---:|---:|---:|\n"
         + "".join(rows)
     )
