@@ -88,7 +88,8 @@ class Server:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         if main:
             self.db_uri = MongoManager(cfg.mongo).ensure_running()
-        assert self.db_uri is not None, "a worker gets the main process's database URI"
+        if self.db_uri is None:
+            raise ValueError("an ingest worker needs the main process's database URI (db_uri)")
         configure_fiftyone(self.db_uri, cfg.fiftyone_dir)
         from server.store.inbox import Inbox
 
