@@ -91,6 +91,52 @@ def db(
         raise _fail(f"unknown action {action!r}: use status or stop")
 
 
+@app.command("fleet")
+def fleet(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The server's YAML config.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object by device id instead of a table.")] = False,
+) -> None:
+    """Show what every device last reported: its running model, channel, outbox, last error."""
+    import dataclasses
+    import time
+
+    from edgeloop.config_base import ConfigError
+    from edgeloop.tables import format_table
+    from server.config import load_server_config
+    from server.ingest.heartbeats import read_fleet
+
+    try:
+        cfg = load_server_config(config)
+    except ConfigError as err:
+        raise _fail(str(err)) from err
+    entries = read_fleet(cfg.data_dir)
+    if as_json:
+        doc = {
+            device_id: {**dataclasses.asdict(e.status), "received_at": e.received_at}
+            for device_id, e in sorted(entries.items())
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    if not entries:
+        typer.echo(f"No heartbeats in {cfg.data_dir} yet.")
+        return
+    now = time.time()
+    rows = []
+    for device_id, e in sorted(entries.items()):
+        s = e.status
+        rows.append(
+            (
+                device_id,
+                s.model_version or "-",
+                s.channel or "-",
+                f"{s.outbox_depth} ({s.outbox_bytes / 1e6:.1f} MB)",
+                f"{max(0.0, now - e.received_at):.0f} s ago",
+                s.last_error[:60] or "-",
+            )
+        )
+    typer.echo(format_table(("DEVICE", "MODEL", "CHANNEL", "OUTBOX", "LAST SEEN", "LAST ERROR"), rows))
+
+
 media_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(media_app, name="media", help="Maintain the media store.")
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from edgeloop.tables import format_table
+
 devices_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
@@ -127,7 +129,7 @@ def list_devices(
     if not devices:
         typer.echo(f"No devices in {registry.root}.")
         return
-    rows = [("ID", "GROUP", "STATUS", "CREATED", "CERT SERIAL", "CERT EXPIRES")]
+    rows = []
     for d in devices:
         status = "active" if d.active else f"revoked {d.revoked:%Y-%m-%d %H:%M}"
         rows.append(
@@ -140,9 +142,7 @@ def list_devices(
                 f"{d.cert_expires:%Y-%m-%d}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    typer.echo(format_table(("ID", "GROUP", "STATUS", "CREATED", "CERT SERIAL", "CERT EXPIRES"), rows))
 
 
 @devices_app.command("revoke")

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: The file's name under the server's data directory.
 FILE_NAME = "heartbeats.json"
+#: Ingest worker i (``workers`` > 1) keeps its own file, ``heartbeats-w<i>.json``.
+_WORKER_FILE_PREFIX = "heartbeats-w"
 #: Bumped when the file's layout changes incompatibly.
 FORMAT_VERSION = 1
 _FIELDS = {f.name for f in dataclasses.fields(DeviceStatus)}
@@ -61,7 +63,7 @@ class HeartbeatStore:
     def in_dir(cls, data_dir: Path, *, worker: int = 0, **kwargs: Any) -> HeartbeatStore:
         """The store kept in ``data_dir/heartbeats.json``, or ``heartbeats-w<worker>.json`` for an
         ingest worker other than the main process (each keeps the devices that report to it)."""
-        name = FILE_NAME if worker == 0 else f"heartbeats-w{worker}.json"
+        name = FILE_NAME if worker == 0 else f"{_WORKER_FILE_PREFIX}{worker}.json"
         return cls(Path(data_dir) / name, **kwargs)
 
     def record(self, status: DeviceStatus, received_at: float | None = None) -> bool:
@@ -160,3 +162,34 @@ class HeartbeatStore:
             )
             self._latest.clear()
             self._received_at.clear()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FleetEntry:
+    """A device's latest heartbeat as the server last wrote it down."""
+
+    status: DeviceStatus
+    received_at: float  # server clock, seconds since the epoch
+
+
+def read_fleet(data_dir: Path) -> dict[str, FleetEntry]:
+    """Every device's latest heartbeat from the server's files, by device id.
+
+    With several ingest processes a device's heartbeats land in whichever process the broker or
+    the kernel picked, so each file may hold an older status of it: the newest by the device's
+    clock wins (then the later arrival). Reads only; safe while the server runs (files are
+    replaced atomically). An unreadable file is logged and skipped.
+    """
+    data_dir = Path(data_dir)
+    paths = [data_dir / FILE_NAME, *sorted(data_dir.glob(f"{_WORKER_FILE_PREFIX}*.json"))]
+    fleet: dict[str, FleetEntry] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        store = HeartbeatStore(path)
+        for device_id, status in store.all().items():
+            entry = FleetEntry(status, store.last_seen(device_id) or 0.0)
+            kept = fleet.get(device_id)
+            if kept is None or (status.time, entry.received_at) > (kept.status.time, kept.received_at):
+                fleet[device_id] = entry
+    return fleet

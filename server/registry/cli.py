@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from edgeloop.releases import ReleaseKeyError, ReleaseVerificationError, key_fingerprint, public_key_pem
+from edgeloop.tables import format_table
 from server.registry.store import ModelRegistry, ModelVersion, RegistryConfig, RegistryError
 
 #: The registry directory when --registry is not given (relative to the working directory).
@@ -70,13 +71,6 @@ def _report(as_json: bool, data: dict[str, Any], text: str) -> None:
 
 def _when(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ") if seconds else "-"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    return "\n".join(lines)
 
 
 def _size(n: int) -> str:
@@ -178,7 +172,7 @@ def list_command(registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = Fa
             for v in versions
         ]
         headers = ["VERSION", "CREATED", "PARENT", "DATASET", "CLASSES", "IMGSZ", "SIZE", "SHA256", "METRICS"]
-        typer.echo(_table([*headers, "SERVING"], rows))
+        typer.echo(format_table([*headers, "SERVING"], rows))
         targets = []
         for channel in reg.channels:
             cs = state.channels.get(channel)
@@ -189,13 +183,13 @@ def list_command(registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = Fa
                 history = " ".join(h.version for h in reversed(target.history)) if target else ""
                 current = target.current if target and target.current else "-"
                 targets.append([name, current, _when(target.since) if target else "-", history or "-"])
-        typer.echo("\n" + _table(["CHANNEL", "CURRENT", "SINCE", "ROLLBACK TO (newest first)"], targets))
+        typer.echo("\n" + format_table(["CHANNEL", "CURRENT", "SINCE", "ROLLBACK TO (newest first)"], targets))
         if state.pins:
             pins = [[d, p.version, _when(p.since)] for d, p in state.pins.items()]
-            typer.echo("\n" + _table(["PINNED DEVICE", "VERSION", "SINCE"], pins))
+            typer.echo("\n" + format_table(["PINNED DEVICE", "VERSION", "SINCE"], pins))
         if state.assignments:
             groups = [[d, g] for d, g in state.assignments.items()]
-            typer.echo("\n" + _table(["DEVICE", "GROUP"], groups))
+            typer.echo("\n" + format_table(["DEVICE", "GROUP"], groups))
 
 
 @models_app.command("show")
