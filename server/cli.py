@@ -6,11 +6,14 @@ import json
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from server.devices_cli import devices_app
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +26,17 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _load_config(config: Path | None) -> ServerConfig:
+    """The server's config, or exit with a one-line error that says how to fix it."""
+    from edgeloop.config_base import ConfigError
+    from server.config import load_server_config
+
+    try:
+        return load_server_config(config)
+    except ConfigError as err:
+        raise _fail(f"{err}\n(fix the file, or print the schema: edgeloop server config-schema)") from err
+
+
 @app.command("run")
 def run(
     config: Annotated[
@@ -32,14 +46,9 @@ def run(
 ) -> None:
     """Run the server: gRPC ingest + registry, the MQTT bridge, the FiftyOne inbox (and App)."""
     from edgeloop.cli import setup_logging
-    from edgeloop.config_base import ConfigError
-    from server.config import load_server_config
 
     setup_logging(log_level)
-    try:
-        cfg = load_server_config(config)
-    except ConfigError as err:
-        raise _fail(f"{err}\n(fix the file, or print the schema: edgeloop server config-schema)") from err
+    cfg = _load_config(config)
     from server.app import Server
 
     server = Server(cfg)
@@ -73,14 +82,9 @@ def db(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="The server's YAML config.")] = None,
 ) -> None:
     """Show or stop the bundled MongoDB."""
-    from edgeloop.config_base import ConfigError
-    from server.config import load_server_config
     from server.store.mongo import MongoManager
 
-    try:
-        cfg = load_server_config(config)
-    except ConfigError as err:
-        raise _fail(str(err)) from err
+    cfg = _load_config(config)
     manager = MongoManager(cfg.mongo)
     if action == "status":
         pid = manager.running_pid()
@@ -100,15 +104,10 @@ def fleet(
     import dataclasses
     import time
 
-    from edgeloop.config_base import ConfigError
     from edgeloop.tables import format_table
-    from server.config import load_server_config
     from server.ingest.heartbeats import read_fleet
 
-    try:
-        cfg = load_server_config(config)
-    except ConfigError as err:
-        raise _fail(str(err)) from err
+    cfg = _load_config(config)
     entries = read_fleet(cfg.data_dir)
     if as_json:
         doc = {
@@ -155,15 +154,10 @@ def media_sweep(
     """Remove images no sample points at (left by crashes or by frames never resent); safe while the server runs."""
     from pymongo.errors import PyMongoError
 
-    from edgeloop.config_base import ConfigError
-    from server.config import load_server_config
     from server.store.mongo import MongoManager, configure_fiftyone
     from server.store.orphans import sweep_orphans
 
-    try:
-        cfg = load_server_config(config)
-    except ConfigError as err:
-        raise _fail(str(err)) from err
+    cfg = _load_config(config)
     from server.store.media import LocalMediaStore
 
     if not cfg.media.root.is_dir():
