@@ -1,6 +1,7 @@
 """Crash test: ``kill -9`` the server in the middle of a 2,000-frame upload. After a restart every
 frame it had acknowledged is in the FiftyOne dataset and the media store, and once the agent's
-outbox has drained every frame is there exactly once."""
+outbox has drained every frame is there exactly once. Run with one server process and with two
+ingest processes (``workers: 2``), every process killed at once."""
 
 from __future__ import annotations
 
@@ -32,9 +33,13 @@ def _dataset(name: str):
     return ds
 
 
-def test_kill_9_during_a_2000_frame_upload_loses_no_acknowledged_frame(tmp_path: Path, fiftyone_env: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-ingest-processes"])
+def test_kill_9_during_a_2000_frame_upload_loses_no_acknowledged_frame(
+    tmp_path: Path, fiftyone_env: str, workers: int
+) -> None:
     dataset = f"crash-{uuid.uuid4().hex[:8]}"
     config = {
+        "workers": workers,
         "data_dir": str(tmp_path / "server"),
         "grpc": {"port": free_port()},
         "mongo": {"uri": fiftyone_env},
@@ -65,7 +70,9 @@ def test_kill_9_during_a_2000_frame_upload_loses_no_acknowledged_frame(tmp_path:
         deadline = time.monotonic() + 300
         while outbox.depth > N_FRAMES - 500 and time.monotonic() < deadline:
             time.sleep(0.02)
-        server.kill()  # mid-upload: batches are in flight, in the core's queue and half-written
+        # Mid-upload: batches are in flight, in the core's queue and half-written. Every process
+        # at once: the one holding the device's connection may be a worker.
+        server.kill_all()
         uploader.stop()
         acked = all_ids - outbox.ids()
         assert 500 <= len(acked) < N_FRAMES, f"the kill came at the wrong moment ({len(acked)} acked)"
