@@ -300,18 +300,19 @@ class IngestCore:
             ack = acks[item.record.frame_id]
             # A repeat is a duplicate of its first copy once that is durable, else shares its fate.
             answers.append((item, Ack(ack.frame_id, AckStatus.DUPLICATE, "sent twice") if ack.durable else ack))
-        for item, ack in answers:
-            item.future.set_result(ack)
+        # Counted before answered: whoever holds an ack finds the frame in the counters.
         counts = Counter(ack.status for _, ack in answers)
         self.metrics.frames_stored.inc(counts[AckStatus.STORED])
         self.metrics.frames_duplicate.inc(counts[AckStatus.DUPLICATE])
         self.metrics.frames_retry.inc(counts[AckStatus.RETRY])
+        for item, ack in answers:
+            item.future.set_result(ack)
 
     def _resolve_unresolved(self, batch: Sequence[_Pending], message: str) -> None:
         for item in batch:
             if not item.future.done():
-                item.future.set_result(Ack(item.record.frame_id, AckStatus.RETRY, message))
                 self.metrics.frames_retry.inc()
+                item.future.set_result(Ack(item.record.frame_id, AckStatus.RETRY, message))
 
 
 def _retry(frame_id: str, err: Exception) -> Ack:
