@@ -17,7 +17,7 @@ receiver on the same transport in the same run, and FiftyOne samples/s on their 
 The client is the agent's own transport, sending batches of real frames (the COCO images as the
 agent encodes them, ~100 KB).
 The client runs in its own process, as an agent would; server, broker and MongoDB share the
-machine's 2 cores with it. Rounds alternate no-op and
+machine's cores with it. Rounds alternate no-op and
 stored so that machine noise hits both; ratios use medians. Each round also records the CPU
 each process spent per frame (Linux ``/proc``) and how busy the machine was: where the time goes.
 """
@@ -369,7 +369,6 @@ def main() -> None:
         mongo = MongoManager(MongoConfig(db_dir=work / "mongo"))
         uri = mongo.ensure_running()
         configure_fiftyone(uri, work / "fiftyone")
-        from server.ingest.core import IngestCore
         from server.store.inbox import Inbox, InboxConfig
         from server.store.media import LocalMediaStore
         from tests.fixtures.mosquitto import MosquittoBroker, _free_port
@@ -388,7 +387,6 @@ def main() -> None:
         if args.workers > 1:
             keys += ["grpc_noop_1p", "mqtt_noop_1p"]
         results: dict[str, list[float]] = {k: [] for k in keys}
-        cores = []
         # One media store for every round, warmed up first: its 4,096 shard folders are created
         # (and fsync'd) on first use, which a long-running server has long done.
         media = LocalMediaStore(work / "media")
@@ -399,19 +397,15 @@ def main() -> None:
         # One core per server process for every round (see _make_core).
         dataset = f"bench-{uuid.uuid4().hex[:8]}"
         core = _make_core(work, dataset, args.decode, args.batch_size)
-        cores.append((core, None))
         workers = Workers(args.workers, uri, work, dataset, args.decode, args.batch_size) if args.workers > 1 else None
-
-        def real_core() -> IngestCore:
-            return core
 
         try:
             for r in range(args.repeats):
                 # Each client makes new frame ids: every round stores, none is a duplicate.
                 results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames, args.clients, workers))
-                results["grpc"].append(grpc_round(real_core(), args.frames, args.clients, workers))
+                results["grpc"].append(grpc_round(core, args.frames, args.clients, workers))
                 results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker, args.clients, workers))
-                results["mqtt"].append(mqtt_round(real_core(), args.frames, broker, args.clients, workers))
+                results["mqtt"].append(mqtt_round(core, args.frames, broker, args.clients, workers))
                 if workers is not None:  # the no-op in one process too: the baseline is the faster of the two
                     noop = NoopIngestor()
                     results["grpc_noop_1p"].append(grpc_round(noop, args.frames, args.clients, None, args.workers))
@@ -428,8 +422,7 @@ def main() -> None:
         finally:
             if workers is not None:
                 workers.close()
-            for core, _inbox in cores:
-                core.close()
+            core.close()
             broker.stop()
             mongo.stop()
 

@@ -136,7 +136,6 @@ class WorkerPool:
         self._info: dict[int, WorkerInfo] = {}
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
-        self.restarts = 0
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -224,7 +223,6 @@ class WorkerPool:
                 )
                 if self._stopping.wait(delay):
                     return
-                self.restarts += 1
                 self._launch(index)
                 try:
                     self._await_ready(index, START_TIMEOUT_S)
