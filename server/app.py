@@ -155,10 +155,18 @@ class Server:
             announcer.follow(self.registry)
             self._parts.append(("release announcer", announcer.close))
         if cfg.metrics.enabled:
-            from prometheus_client import start_http_server
+            from prometheus_client import CollectorRegistry, start_http_server
 
-            port = cfg.metrics.port + self.worker_index if cfg.metrics.port else 0
-            http, _thread = start_http_server(port, addr=cfg.metrics.host, registry=self.metrics.registry)
+            if not main:  # read by the main process only (SummedCollector): loopback, any port
+                http, _thread = start_http_server(0, addr="127.0.0.1", registry=self.metrics.registry)
+            else:
+                registry = self.metrics.registry
+                if cfg.workers > 1:
+                    from server.metrics import SummedCollector
+
+                    registry = CollectorRegistry(auto_describe=False)
+                    registry.register(SummedCollector(self.metrics.registry, self._worker_metrics_ports))
+                http, _thread = start_http_server(cfg.metrics.port, addr=cfg.metrics.host, registry=registry)
             self.metrics_port = http.server_port
             self._parts.append(("metrics", http.shutdown))
         if cfg.app.enabled and main:
@@ -176,6 +184,10 @@ class Server:
             self._parts.append(("ingest workers", self.worker_pool.stop))
         freeze_startup_heap(self.inbox)
         return self
+
+    def _worker_metrics_ports(self) -> list[int]:
+        pool = self.worker_pool
+        return [w.metrics_port for w in pool.workers if w.metrics_port] if pool is not None else []
 
     def wait(self) -> None:
         """Block until :meth:`stop` is called (from a signal handler, say)."""

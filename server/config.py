@@ -75,8 +75,8 @@ class ServerConfig(StrictModel):
         le=64,
         description=(
             "Ingest processes on this machine (server.workers): each has its own GIL, so storing scales past "
-            "one core. They share the gRPC port (SO_REUSEPORT) and the MQTT shared-subscription group; worker i "
-            "serves metrics on metrics.port + i."
+            "one core. They share the gRPC port (SO_REUSEPORT) and the MQTT shared-subscription group; "
+            "metrics.port serves the sum of all of them."
         ),
     )
 

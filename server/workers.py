@@ -16,7 +16,8 @@ same port and stores, with its own:
   stable across restarts with the same ``workers``;
 - heartbeat file (``heartbeats-w<i>.json`` beside ``heartbeats.json``): each process keeps the
   devices that reported to it;
-- metrics port (``metrics.port + i``, or a free one when that is 0).
+- metrics, on a loopback port of its own that the main process reads at every scrape of
+  ``metrics.port``, which serves the sum (``server.metrics.SummedCollector``).
 
 Every store is safe for several writers: media names are created with ``O_EXCL`` (a resend that
 lands in another process replaces a leftover atomically), and the inbox's unique index on the
