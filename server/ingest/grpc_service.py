@@ -152,6 +152,21 @@ class GrpcServerConfig(StrictModel):
     grace_s: float = Field(
         default=5.0, ge=0, description="On shutdown, how long calls in flight may finish before they are cancelled."
     )
+    max_connection_age_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Close each connection (HTTP/2 GOAWAY) once it is this old; the agent reconnects, and the new "
+            "connection may land on another ingest process (workers) or on another server behind a TCP load "
+            "balancer, so a few busy devices do not stay stacked on one. None: connections live as long as the "
+            "agent keeps them."
+        ),
+    )
+    max_connection_age_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="After max_connection_age_s, how long calls in flight may finish before they are cancelled.",
+    )
 
     @model_validator(mode="after")
     def _streams_fit_workers(self) -> GrpcServerConfig:
@@ -441,7 +456,7 @@ ServicerAdder = Callable[[grpc.Server], None]
 
 def server_options(config: GrpcServerConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     """The channel arguments :func:`build_grpc_server` uses (message limits, keepalive)."""
-    return [
+    options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         # Acks are tiny; the send limit only matters to services sharing the port (the registry).
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -454,6 +469,10 @@ def server_options(config: GrpcServerConfig, *, reuse_port: bool = False) -> lis
         # workers (server.workers) share the port on purpose.
         ("grpc.so_reuseport", int(reuse_port)),
     ]
+    if config.max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)))
+    return options
 
 
 def build_grpc_server(

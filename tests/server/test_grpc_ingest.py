@@ -744,6 +744,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_max_connection_age_moves_an_agent_to_new_connections_without_losing_a_frame(tmp_path: Path) -> None:
+    """Each new connection is hashed again over the ingest workers (or a TCP load balancer's
+    backends): an agent's batches keep flowing across the GOAWAYs."""
+    s = start_server(tmp_path, max_connection_age_s=0.3, max_connection_age_grace_s=5.0)
+    try:
+        transport = s.transport()
+        deadline = time.monotonic() + 2.0
+        i = 0
+        while time.monotonic() < deadline:
+            batch = [make_frame(i + k) for k in range(4)]
+            i += len(batch)
+            assert [a.status for a in transport.send(batch)] == [AckStatus.STORED] * len(batch)
+            time.sleep(0.05)
+        peers = {identity.peer for identity in s.ingestor.identities}
+        assert len(s.ingestor.identities) == i
+        assert len(peers) >= 3, f"the agent kept its connection: {peers}"
+    finally:
+        s.close()
+
+
 def test_loopback_by_default_and_explicit_port(tmp_path: Path) -> None:
     port = _free_port()
     s = start_server(tmp_path)
