@@ -235,13 +235,12 @@ class WorkerPool:
                     if proc.is_alive():
                         proc.kill()  # its exit brings it back to the top of this loop
 
-    def stop(self, timeout_s: float | None = None) -> None:
+    def stop(self) -> None:
         """Ask every worker to stop, wait for each to drain, and kill one that does not."""
         self._stopping.set()
         if self._monitor is not None:
             self._monitor.join()
         wait_s = self.config.grpc.grace_s + self.config.mqtt.drain_timeout_s + 30
-        wait_s = timeout_s if timeout_s is not None else wait_s
         with self._lock:
             slots = list(self._slots.items())
             self._slots.clear()

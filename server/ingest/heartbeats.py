@@ -182,14 +182,13 @@ def read_fleet(data_dir: Path) -> dict[str, FleetEntry]:
     """
     data_dir = Path(data_dir)
     paths = [data_dir / FILE_NAME, *sorted(data_dir.glob(f"{_WORKER_FILE_PREFIX}*.json"))]
-    fleet: dict[str, FleetEntry] = {}
+    reports: list[tuple[float, DeviceStatus]] = []
     for path in paths:
-        if not path.is_file():
-            continue
-        store = HeartbeatStore(path)
-        for device_id, status in store.all().items():
-            entry = FleetEntry(status, store.last_seen(device_id) or 0.0)
-            kept = fleet.get(device_id)
-            if kept is None or (status.time, entry.received_at) > (kept.status.time, kept.received_at):
-                fleet[device_id] = entry
-    return fleet
+        if path.is_file():
+            store = HeartbeatStore(path)
+            reports += [(store.last_seen(d) or 0.0, status) for d, status in store.all().items()]
+    # record() keeps the newest by the device's clock; in arrival order, the later of two equal ones.
+    merged = HeartbeatStore(None)
+    for received_at, status in sorted(reports, key=lambda r: r[0]):
+        merged.record(status, received_at=received_at)
+    return {d: FleetEntry(status, merged.last_seen(d) or 0.0) for d, status in merged.all().items()}
