@@ -95,6 +95,40 @@ def _machine_busy() -> tuple[float, float]:
     return (sum(ticks) - idle) / hz, sum(ticks) / hz
 
 
+def file_create_us(folder: Path, n: int = 256) -> float:
+    """Mean microseconds to create (and close) an empty file in a new subfolder of ``folder``."""
+    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=folder))
+    t0 = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(probe / f"{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+#: File creation slower than this (microseconds) means the file system is still "settling".
+SETTLED_CREATE_US = 100.0
+
+
+def settle_file_system(folder: Path, max_wait_s: float = 420.0) -> float:
+    """Wait until creating files in ``folder`` is fast again; returns the last probe (microseconds).
+
+    ext4 without a journal (this VM's root file system) does not reuse an inode for 60 s after
+    it was freed (360 s while its inode table block is dirty): creating a file then scans past
+    every such inode of the block group (``recently_deleted`` in fs/ext4/ialloc.c). After a run
+    that deleted thousands of files (a test suite, the previous benchmark's temporary folder),
+    every create costs up to ~750 us instead of ~15 us for minutes, which would be charged to the
+    stored path. So: flush (the window is shortest for written-out inode tables), then probe,
+    and wait while creates are slow. Probe files are left in place: deleting them would restart
+    the window.
+    """
+    os.sync()
+    deadline = time.monotonic() + max_wait_s
+    while (us := file_create_us(folder)) > SETTLED_CREATE_US and time.monotonic() < deadline:
+        print(f"file creation takes {us:.0f} us (recently deleted inodes); waiting for the file system", flush=True)
+        time.sleep(20)
+        os.sync()
+    return us
+
+
 class CpuMeter:
     """CPU seconds per frame of each role taking part in a round (one process, or several summed,
     e.g. the server's workers), and how busy the machine was."""
@@ -128,13 +162,18 @@ def send_all(transport, payloads: list[tuple[str, bytes]]) -> float:
     return time.perf_counter() - t0
 
 
-def _client(kind: str, port: int, n: int, seed: str, ready, go, out) -> None:
+#: gRPC connections per device (``--connections``, the agent's ``connections``).
+CONNECTIONS = 1
+
+
+def _client(kind: str, port: int, n: int, seed: str, ready, go, out, connections: int = 1) -> None:
     """One device, in its own process as in a deployment (agents run elsewhere)."""
     payloads = make_payloads(n, seed)
     if kind == "grpc":
         from edge_agent.transports.grpc import GrpcTransport, GrpcTransportConfig
 
-        transport = GrpcTransport(GrpcTransportConfig(target=f"127.0.0.1:{port}", deadline_s=120), DEVICE)
+        config = GrpcTransportConfig(target=f"127.0.0.1:{port}", deadline_s=120, connections=connections)
+        transport = GrpcTransport(config, DEVICE)
     else:
         from edge_agent.transports.mqtt import MqttTransport, MqttTransportConfig
 
@@ -163,7 +202,7 @@ def run_clients(kind: str, port: int, n: int, clients: int, label: str = "") -> 
     ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
     per = n // clients
     procs = [
-        ctx.Process(target=_client, args=(kind, port, per, uuid.uuid4().hex[:8], ready, go, out))
+        ctx.Process(target=_client, args=(kind, port, per, uuid.uuid4().hex[:8], ready, go, out, CONNECTIONS))
         for _ in range(clients)
     ]
     for proc in procs:
@@ -358,9 +397,19 @@ def main() -> None:
     ap.add_argument(
         "--workers", type=int, default=1, help="server processes (the server's `workers`), for no-op and stored alike"
     )
+    ap.add_argument(
+        "--connections", type=int, default=1, help="gRPC connections per device (the agent's `connections`)"
+    )
     ap.add_argument("--batch-size", type=int, default=64, help="the server's inbox.batch_size (its default: 64)")
+    ap.add_argument(
+        "--only", choices=["grpc", "mqtt"], default=None, help="Measure one transport (while working on it)"
+    )
     ap.add_argument("--write", type=Path, default=None, help="Append the result table to this markdown file.")
     args = ap.parse_args()
+    if args.only and args.write:
+        ap.error("--write takes a full run: leave out --only")
+    global CONNECTIONS
+    CONNECTIONS = args.connections
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -393,6 +442,7 @@ def main() -> None:
         for i in range(1 << 14):
             media.write_new(f"{i:04x}{'0' * 28}", b"warm-up", "jpg")
         media.commit()
+        create_us = settle_file_system(work)
 
         # One core per server process for every round (see _make_core).
         dataset = f"bench-{uuid.uuid4().hex[:8]}"
@@ -402,23 +452,27 @@ def main() -> None:
         try:
             for r in range(args.repeats):
                 # Each client makes new frame ids: every round stores, none is a duplicate.
-                results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames, args.clients, workers))
-                results["grpc"].append(grpc_round(core, args.frames, args.clients, workers))
-                results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker, args.clients, workers))
-                results["mqtt"].append(mqtt_round(core, args.frames, broker, args.clients, workers))
+                if args.only != "mqtt":
+                    results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames, args.clients, workers))
+                    results["grpc"].append(grpc_round(core, args.frames, args.clients, workers))
+                if args.only != "grpc":
+                    results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker, args.clients, workers))
+                    results["mqtt"].append(mqtt_round(core, args.frames, broker, args.clients, workers))
                 if workers is not None:  # the no-op in one process too: the baseline is the faster of the two
                     noop = NoopIngestor()
-                    results["grpc_noop_1p"].append(grpc_round(noop, args.frames, args.clients, None, args.workers))
-                    results["mqtt_noop_1p"].append(
-                        mqtt_round(noop, args.frames, broker, args.clients, None, args.workers)
-                    )
+                    if args.only != "mqtt":
+                        results["grpc_noop_1p"].append(grpc_round(noop, args.frames, args.clients, None, args.workers))
+                    if args.only != "grpc":
+                        results["mqtt_noop_1p"].append(
+                            mqtt_round(noop, args.frames, broker, args.clients, None, args.workers)
+                        )
                 inbox = Inbox(InboxConfig(dataset=f"bench-fo-{uuid.uuid4().hex[:8]}"))
                 recs = [(parse_frame(p), work / f"x{i}.jpg") for i, (_, p) in enumerate(make_payloads(args.frames))]
                 t0 = time.perf_counter()
                 for i in range(0, len(recs), BATCH):
                     inbox.add_records(recs[i : i + BATCH])
                 results["fiftyone"].append(len(recs) / (time.perf_counter() - t0))
-                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()), flush=True)
+                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items() if v), flush=True)
         finally:
             if workers is not None:
                 workers.close()
@@ -426,7 +480,12 @@ def main() -> None:
             broker.stop()
             mongo.stop()
 
-    med = {k: statistics.median(v) for k, v in results.items()}
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    if args.only:
+        base = max(v for k, v in med.items() if k.startswith(f"{args.only}_noop"))
+        print(f"{args.only}: stored {med[args.only]:.0f}/s, no-op {base:.0f}/s, ratio {med[args.only] / base:.3f}")
+        print(cpu_table())
+        return
     rows = []
     for kind, name in (("grpc", "gRPC"), ("mqtt", "MQTT via Mosquitto")):
         # With several server processes the no-op runs both ways; the faster is the baseline.
@@ -440,11 +499,12 @@ def main() -> None:
     table = (
         f"### Server ingest ({time.strftime('%Y-%m-%d')})\n\n"
         f"`bench/ingest.py --frames {args.frames} --repeats {args.repeats} --clients {args.clients} "
-        f"--decode {args.decode} --workers {args.workers} --batch-size {args.batch_size}`: {platform.machine()}, "
+        f"--decode {args.decode} --workers {args.workers} --connections {args.connections} "
+        f"--batch-size {args.batch_size}`: {platform.machine()}, "
         f"{os.cpu_count()} cores; frames of {size / 1024:.0f} KB on average (the COCO images as the agent "
         f"encodes them: JPEG q90, longest side 640; 5 boxes), batches of {BATCH}; "
         f"{args.clients} client process(es), {args.workers} server process(es) (no-op and stored alike), broker "
-        "and bundled MongoDB on one machine; "
+        f"and bundled MongoDB on one machine; file creation {create_us:.0f} us before the first round (settled); "
         f"medians of {args.repeats} alternating rounds.\n\n"
         "| path | frames/s | ratio to the faster no-op on the same transport |\n|---|---:|---:|\n"
         + "".join(f"| {name} | {fps:.0f} | {ratio} |\n" for name, fps, ratio in rows)

@@ -16,7 +16,13 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.transports import MqttTransport, MqttTransportConfig
+from edge_agent.transports import (
+    GrpcTransport,
+    GrpcTransportConfig,
+    MqttTransport,
+    MqttTransportConfig,
+    Transport,
+)
 from edge_agent.transports.grpc import UPLOAD_METHOD
 from edgeloop.convert import ack_from_pb
 from edgeloop.domain import AckStatus
@@ -30,6 +36,8 @@ pytestmark = pytest.mark.slow
 CONNECTIONS = 16  # gRPC connections; the kernel hashes each to one of the 2 processes
 PER_CONNECTION = 8
 MQTT_FRAMES = 64
+AGENT_CONNECTIONS = 16  # one device's `connections`: its batch is split over that many
+AGENT_FRAMES = 64
 
 
 def _worker_metrics_port(log: str, pid: int) -> int:
@@ -68,6 +76,14 @@ def _upload_as_an_agent_would(target: str, frame: tuple[str, bytes], attempts: i
                 raise
             time.sleep(0.2)
     return _upload_on_own_connection(target, [frame])[0]
+
+
+def _send_and_close(transport: Transport, frames: list[tuple[str, bytes]]) -> list[AckStatus]:
+    """One send of every frame as an agent's transport does it; the acks' statuses, sorted."""
+    try:
+        return sorted(a.status for a in transport.send(frames))
+    finally:
+        transport.close()
 
 
 def _worker_pids(main_pid: int) -> list[int]:
@@ -109,11 +125,7 @@ def test_two_ingest_processes_share_the_load_store_each_frame_once_and_die_with_
 
         mqtt_frames = [make_frame(1000 + i, device="cam-mqtt") for i in range(MQTT_FRAMES)]
         transport = MqttTransport(MqttTransportConfig(host="127.0.0.1", port=broker.port), "cam-mqtt")
-        try:
-            acks = transport.send(mqtt_frames)
-        finally:
-            transport.close()
-        assert sorted(a.status for a in acks) == [AckStatus.STORED] * MQTT_FRAMES
+        assert _send_and_close(transport, mqtt_frames) == [AckStatus.STORED] * MQTT_FRAMES
         sent |= {fid for fid, _ in mqtt_frames}
 
         # Each process stored a share (gRPC: 16 connections hashed over 2 listeners; MQTT: the
@@ -123,6 +135,19 @@ def test_two_ingest_processes_share_the_load_store_each_frame_once_and_die_with_
         total = _stored(metrics_port)
         assert total == len(sent)
         assert 0 < worker_share < total, f"one process stored nothing: worker 1 {worker_share} of {total}"
+
+        # One device with `connections: 16` splits a batch over 16 connections, which the kernel
+        # hashes over both processes: one device's frames are stored by both (all 16 landing on
+        # one process has a chance of 2 in 65,536).
+        agent_frames = [make_frame(2000 + i, device="cam-backlog") for i in range(AGENT_FRAMES)]
+        agent = GrpcTransport(
+            GrpcTransportConfig(target=server.grpc_target, connections=AGENT_CONNECTIONS), "cam-backlog"
+        )
+        assert _send_and_close(agent, agent_frames) == [AckStatus.STORED] * AGENT_FRAMES
+        sent |= {fid for fid, _ in agent_frames}
+        worker_part = _stored(_worker_metrics_port(server.log_path.read_text(), worker)) - worker_share
+        assert _stored(metrics_port) == len(sent)
+        assert 0 < worker_part < AGENT_FRAMES, f"worker 1 stored {worker_part} of the device's {AGENT_FRAMES} frames"
         ds = fo.load_dataset(dataset)
         ds.reload()
         stored = ds.values("frame_id")

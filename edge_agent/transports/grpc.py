@@ -6,6 +6,12 @@ request serializer is the identity, so nothing is parsed or re-serialized on the
 collects the receiver's ``FrameAck`` messages until the receiver closes the stream or the
 per-send deadline passes.
 
+With ``connections: k`` (> 1) the transport keeps k channels, each on its own TCP connection,
+and a send splits its batch into up to k parts, one call per connection, running at once. Why:
+a server with several ingest processes (``workers``) or several servers behind a TCP load
+balancer spread *connections*, not frames; one device uploading a backlog over one connection
+keeps one process busy while the others idle. Over k connections its frames are spread k ways.
+
 Failure policy: acks that arrived before a failure (deadline, dropped connection, receiver
 shutdown) are returned and the failure is only logged, because an ack is final and losing it
 would only cause a harmless redelivery; :class:`TransportError` is raised when the call failed
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -91,6 +98,16 @@ class GrpcTransportConfig(StrictModel):
     keepalive_permit_without_calls: bool = Field(
         default=False, description="Also ping while no upload is running (keeps idle NAT mappings open)."
     )
+    connections: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description=(
+            "TCP connections a send spreads its batch over (one UploadFrames call each, at once). Raise it "
+            "(e.g. 4-8) for devices that upload backlogs at full speed to a server running several ingest "
+            "processes or several servers behind a TCP load balancer: those balance connections, not frames."
+        ),
+    )
     reconnect_backoff_max_s: float = Field(
         default=10.0,
         gt=0,
@@ -132,6 +149,10 @@ def _channel_options(config: GrpcTransportConfig) -> list[tuple[str, int | str]]
 
 def _make_channel(config: GrpcTransportConfig) -> grpc.Channel:
     options = _channel_options(config)
+    if config.connections > 1:
+        # Channels to one target share connections through gRPC's global subchannel pool; a
+        # local pool gives each channel its own TCP connection.
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if config.tls is None:
         return grpc.insecure_channel(config.target, options=options)
     tls = config.tls
@@ -146,7 +167,8 @@ def _make_channel(config: GrpcTransportConfig) -> grpc.Channel:
 
 
 class GrpcTransport(Transport):
-    """Sends batches over one reused gRPC channel; see the module docstring for the failure policy.
+    """Sends batches over reused gRPC channels (``connections``, one by default); see the module
+    docstring for the failure policy.
 
     ``send`` is meant to be called from one uploader thread; ``heartbeat`` may run on another
     (gRPC channels are thread-safe).
@@ -157,13 +179,17 @@ class GrpcTransport(Transport):
     def __init__(self, config: GrpcTransportConfig, device_id: str) -> None:
         self.config = config
         self.device_id = device_id
-        self._channel = _make_channel(config)
-        self._upload = self._channel.stream_stream(
-            UPLOAD_METHOD,
-            request_serializer=_identity,
-            response_deserializer=frames_pb2.FrameAck.FromString,
-        )
-        self._heartbeat = self._channel.unary_unary(
+        self._channels = [_make_channel(config) for _ in range(config.connections)]
+        self._uploads = [
+            channel.stream_stream(
+                UPLOAD_METHOD,
+                request_serializer=_identity,
+                response_deserializer=frames_pb2.FrameAck.FromString,
+            )
+            for channel in self._channels
+        ]
+        self._pool = ThreadPoolExecutor(max(1, config.connections - 1), thread_name_prefix="grpc-acks")
+        self._heartbeat = self._channels[0].unary_unary(
             HEARTBEAT_METHOD,
             request_serializer=frames_pb2.DeviceStatus.SerializeToString,
             response_deserializer=frames_pb2.HeartbeatReply.FromString,
@@ -173,27 +199,36 @@ class GrpcTransport(Transport):
         if not payloads:
             return []
         started = time.monotonic()
+        # Contiguous parts, one per connection: each call's acks are a prefix of its part.
+        size = -(-len(payloads) // len(self._uploads))
+        parts = [payloads[i : i + size] for i in range(0, len(payloads), size)]
         try:
-            call = self._upload(
-                (payload for _, payload in payloads), timeout=self.config.deadline_s, wait_for_ready=False
-            )
+            # All calls start before any is read: their requests flow over the connections at once.
+            calls = [
+                upload((payload for _, payload in part), timeout=self.config.deadline_s, wait_for_ready=False)
+                for upload, part in zip(self._uploads, parts, strict=False)
+            ]
         except ValueError as err:  # grpc raises this for a closed channel
             raise TransportError(f"gRPC transport to {self.config.target} is closed") from err
-        acks: list[Ack] = []
-        try:
-            for msg in call:
-                acks.append(ack_from_pb(msg))
-        except grpc.RpcError as err:
-            call.cancel()
+        # Each call's acks are read as they come (every part but the first on a pool thread): an
+        # unread response holds its call open, and it would run out of time behind another part.
+        reads = [self._pool.submit(_read_acks, call) for call in calls[1:]] if len(calls) > 1 else []
+        acks, errors = _read_acks(calls[0])
+        for read in reads:
+            more, failed = read.result()
+            acks += more
+            errors += failed
+        if errors:
             where = f"gRPC upload to {self.config.target} failed after {time.monotonic() - started:.1f} s"
             if not acks:
-                raise TransportError(f"{where}: {_describe(err)}", permanent=_is_permanent(err)) from err
+                permanent = all(_is_permanent(err) for err in errors)
+                raise TransportError(f"{where}: {_describe(errors[0])}", permanent=permanent) from errors[0]
             logger.warning(
                 "%s with %d of %d frames acknowledged; the rest stay pending: %s",
                 where,
                 len(acks),
                 len(payloads),
-                _describe(err),
+                _describe(errors[0]),
             )
         return acks
 
@@ -206,7 +241,21 @@ class GrpcTransport(Transport):
             raise TransportError(f"gRPC transport to {self.config.target} is closed") from err
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
+        self._pool.shutdown(wait=False)
+
+
+def _read_acks(call: grpc.Call) -> tuple[list[Ack], list[grpc.RpcError]]:
+    """A call's acks until it ends, and its error if it failed (the call is then cancelled)."""
+    acks: list[Ack] = []
+    try:
+        for msg in call:
+            acks.append(ack_from_pb(msg))
+    except grpc.RpcError as err:
+        call.cancel()
+        return acks, [err]
+    return acks, []
 
 
 #: Statuses with which a receiver refuses what was sent, not the moment it was sent in.

@@ -369,6 +369,43 @@ def test_grpc_send_after_close_is_a_transport_error(grpc_receiver: GrpcTestRecei
         transport.send([frame(0)])
 
 
+def test_grpc_connections_spread_one_send_over_that_many_tcp_connections(grpc_receiver: GrpcTestReceiver) -> None:
+    transport = GrpcTransport(GrpcTransportConfig(target=grpc_receiver.target, connections=4), DEVICE)
+    try:
+        payloads = [frame(i) for i in range(10)]
+        acks = transport.send(payloads)
+        assert by_id(acks) == {fid: AckStatus.STORED for fid, _ in payloads}
+        assert grpc_receiver.frames == dict(payloads)
+        # Parts of 3, 3, 3 and 1 frames, one call each, from four client ports.
+        assert len(grpc_receiver.peers) == 4
+        assert len(set(grpc_receiver.peers)) == 4, grpc_receiver.peers
+
+        # A batch smaller than the connections uses as many calls as it has frames.
+        grpc_receiver.peers.clear()
+        assert len(transport.send([frame(100), frame(101)])) == 2
+        assert len(grpc_receiver.peers) == 2
+    finally:
+        transport.close()
+
+
+def test_grpc_connections_return_the_acks_of_parts_that_got_through(grpc_receiver: GrpcTestReceiver) -> None:
+    """One part's call runs out of time, the other part's acks still count; the rest goes later."""
+    grpc_receiver.delay_s = 0.5
+    transport = GrpcTransport(GrpcTransportConfig(target=grpc_receiver.target, connections=2, deadline_s=0.8), DEVICE)
+    try:
+        # Parts: frames 0-1 (the second would be answered at ~1.0 s, past the deadline) and frame 2.
+        payloads = [frame(i) for i in range(3)]
+        acked = by_id(transport.send(payloads))
+        assert acked == {payloads[0][0]: AckStatus.STORED, payloads[2][0]: AckStatus.STORED}
+
+        grpc_receiver.delay_s = 0.0
+        rest = send_until_acked(transport, [payloads[1]], timeout=5.0)
+        assert rest == {payloads[1][0]: AckStatus.STORED}
+        assert set(grpc_receiver.frames) == {fid for fid, _ in payloads}
+    finally:
+        transport.close()
+
+
 def test_grpc_sends_frames_above_grpc_default_4mb_limit(grpc_receiver: GrpcTestReceiver) -> None:
     transport = GrpcTransport(GrpcTransportConfig(target=grpc_receiver.target), DEVICE)
     payload = frame(0, size=8 * 1024 * 1024)

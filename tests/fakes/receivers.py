@@ -93,6 +93,7 @@ class GrpcTestReceiver:
         frames: Raw serialized ``FrameUpload`` bytes by frame id.
         deliveries: Frame ids in arrival order, duplicates included.
         heartbeats: ``DeviceStatus`` messages received.
+        peers: The client address of each UploadFrames call (one per TCP connection it came on).
         delay_s: Sleep before storing each frame (a slow disk); may be changed while running.
     """
 
@@ -111,6 +112,7 @@ class GrpcTestReceiver:
         self.delay_s = delay_s
         self.tls = tls
         self.heartbeats: list[frames_pb2.DeviceStatus] = []
+        self.peers: list[str] = []
         self._store = _FrameStore(store_dir)
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
@@ -193,6 +195,7 @@ class GrpcTestReceiver:
         )
 
     def _upload_frames(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext):
+        self.peers.append(context.peer())
         for payload in request_iterator:
             if self.delay_s > 0 and self._stopping.wait(self.delay_s):
                 return
