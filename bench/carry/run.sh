@@ -1,6 +1,6 @@
 #!/bin/bash
 # bench/ingest.py on a machine without MongoDB, Mosquitto or FiftyOne, from what bench/carry/pack.py put in .ib/.
-# Arguments: one "FRAMES CLIENTS WORKERS [BATCH]" per configuration; results go to $OUT (or ./bench-out).
+# Arguments: one "FRAMES CLIENTS WORKERS [BATCH [CONNECTIONS]]" per configuration; results go to $OUT (or ./bench-out).
 set -euo pipefail
 OUT=${OUT:-$PWD/bench-out}; mkdir -p "$OUT"
 IB=$PWD/.ib  # made by bench/carry/pack.py
@@ -18,5 +18,5 @@ nproc; free -g | head -2
 python3 -c "import fiftyone, grpc, server.app, server.ingest.core, server.store.inbox, server.ingest.mqtt_bridge, edge_agent.transports.grpc, edge_agent.transports.mqtt, edge_agent.encoding; print(\"imports ok\", fiftyone.__version__, grpc.__version__)"
 for cfg in "$@"; do
   set -- $cfg
-  python3 bench/ingest.py --frames $1 --repeats 3 --clients $2 --workers $3 ${4:+--batch-size $4} --write $OUT/ingest.md 2>&1 | grep -v -E "^20[0-9][0-9]-" | tee -a $OUT/ingest.log
+  python3 bench/ingest.py --frames $1 --repeats 3 --clients $2 --workers $3 ${4:+--batch-size $4} ${5:+--connections $5} --write $OUT/ingest.md 2>&1 | grep -v -E "^20[0-9][0-9]-" | tee -a $OUT/ingest.log
 done
