@@ -12,7 +12,11 @@ receiver on the same transport in the same run, and FiftyOne samples/s on their 
 * FiftyOne: ``Inbox.add_records`` in batches of 64, no transport, no media.
 * ``--workers N``: the server side runs in N processes, as the server's ``workers: N`` does
   (gRPC sharing the port with SO_REUSEPORT, MQTT bridges in one shared group), for the no-op and
-  the stored path alike; the no-op also runs in one process, and the faster no-op is the baseline.
+  the stored path alike.
+* ``--connections k``: each gRPC device splits its batches over k connections (the agent's
+  ``transport.connections``), for the no-op and the stored path alike.
+* Where ``--workers`` or ``--connections`` change the defaults, the no-op also runs with the
+  defaults (1 process, 1 connection), and the faster no-op is the baseline.
 
 The client is the agent's own transport, sending batches of real frames (the COCO images as the
 agent encodes them, ~100 KB).
@@ -162,10 +166,6 @@ def send_all(transport, payloads: list[tuple[str, bytes]]) -> float:
     return time.perf_counter() - t0
 
 
-#: gRPC connections per device (``--connections``, the agent's ``connections``).
-CONNECTIONS = 1
-
-
 def _client(kind: str, port: int, n: int, seed: str, ready, go, out, connections: int = 1) -> None:
     """One device, in its own process as in a deployment (agents run elsewhere)."""
     payloads = make_payloads(n, seed)
@@ -196,13 +196,14 @@ WORKER_PIDS: list[int] = []
 CPU_LOG: list[tuple[str, dict[str, float]]] = []
 
 
-def run_clients(kind: str, port: int, n: int, clients: int, label: str = "") -> float:
-    """``clients`` devices send ``n`` frames between them; returns frames/s over the slowest one's time."""
+def run_clients(kind: str, port: int, n: int, clients: int, label: str = "", connections: int = 1) -> float:
+    """``clients`` devices send ``n`` frames between them (gRPC: each over ``connections``
+    connections); returns frames/s over the slowest one's time."""
     ctx = mp.get_context("spawn")  # fresh interpreters: no threads or sockets inherited from the server
     ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
     per = n // clients
     procs = [
-        ctx.Process(target=_client, args=(kind, port, per, uuid.uuid4().hex[:8], ready, go, out, CONNECTIONS))
+        ctx.Process(target=_client, args=(kind, port, per, uuid.uuid4().hex[:8], ready, go, out, connections))
         for _ in range(clients)
     ]
     for proc in procs:
@@ -218,9 +219,9 @@ def run_clients(kind: str, port: int, n: int, clients: int, label: str = "") -> 
     return per * clients / max(elapsed for elapsed, _ in results)
 
 
-def _label(kind: str, ingestor, workers: Workers | None, processes: int) -> str:
+def _label(kind: str, ingestor, plain: bool) -> str:
     label = f"{kind}_noop" if isinstance(ingestor, NoopIngestor) else kind
-    return f"{label}_1p" if workers is None and processes > 1 else label
+    return f"{label}_plain" if plain else label
 
 
 def start_grpc(ingestor, port: int, reuse_port: bool) -> tuple[object, int]:
@@ -336,13 +337,15 @@ def _make_core(work: Path, dataset: str, decode: str, batch_size: int):
     return core
 
 
-def grpc_round(ingestor, n: int, clients: int, workers: Workers | None, processes: int = 1) -> float:
+def grpc_round(
+    ingestor, n: int, clients: int, workers: Workers | None, connections: int = 1, plain: bool = False
+) -> float:
     server, port = start_grpc(ingestor, 0, reuse_port=workers is not None)
     try:
         if workers is not None:
             workers.up("grpc", isinstance(ingestor, NoopIngestor), port)
         try:
-            return run_clients("grpc", port, n, clients, _label("grpc", ingestor, workers, processes))
+            return run_clients("grpc", port, n, clients, _label("grpc", ingestor, plain), connections)
         finally:
             if workers is not None:
                 workers.down()
@@ -350,14 +353,14 @@ def grpc_round(ingestor, n: int, clients: int, workers: Workers | None, processe
         server.stop(1).wait()
 
 
-def mqtt_round(ingestor, n: int, broker, clients: int, workers: Workers | None, processes: int = 1) -> float:
+def mqtt_round(ingestor, n: int, broker, clients: int, workers: Workers | None, plain: bool = False) -> float:
     group = f"bench-{uuid.uuid4().hex[:6]}"
     bridge = start_bridge(ingestor, broker.port, group, group)
     try:
         if workers is not None:
             workers.up("mqtt", isinstance(ingestor, NoopIngestor), broker.port, group)
         try:
-            return run_clients("mqtt", broker.port, n, clients, _label("mqtt", ingestor, workers, processes))
+            return run_clients("mqtt", broker.port, n, clients, _label("mqtt", ingestor, plain))
         finally:
             if workers is not None:
                 workers.down()
@@ -408,8 +411,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.only and args.write:
         ap.error("--write takes a full run: leave out --only")
-    global CONNECTIONS
-    CONNECTIONS = args.connections
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -433,8 +434,10 @@ def main() -> None:
         payloads = make_payloads(args.frames)
         size = sum(len(p) for _, p in payloads) / len(payloads)
         keys = ["grpc_noop", "grpc", "mqtt_noop", "mqtt", "fiftyone"]
-        if args.workers > 1:
-            keys += ["grpc_noop_1p", "mqtt_noop_1p"]
+        # The no-op also runs with the defaults (1 process, 1 connection) where the run changes
+        # them: those could make the no-op slower, and the baseline is the faster no-op.
+        plain = {"grpc": args.workers > 1 or args.connections > 1, "mqtt": args.workers > 1}
+        keys += [f"{kind}_noop_plain" for kind, extra in plain.items() if extra]
         results: dict[str, list[float]] = {k: [] for k in keys}
         # One media store for every round, warmed up first: its 4,096 shard folders are created
         # (and fsync'd) on first use, which a long-running server has long done.
@@ -453,19 +456,19 @@ def main() -> None:
             for r in range(args.repeats):
                 # Each client makes new frame ids: every round stores, none is a duplicate.
                 if args.only != "mqtt":
-                    results["grpc_noop"].append(grpc_round(NoopIngestor(), args.frames, args.clients, workers))
-                    results["grpc"].append(grpc_round(core, args.frames, args.clients, workers))
+                    for ingestor in (NoopIngestor(), core):
+                        key = "grpc" if ingestor is core else "grpc_noop"
+                        results[key].append(grpc_round(ingestor, args.frames, args.clients, workers, args.connections))
                 if args.only != "grpc":
                     results["mqtt_noop"].append(mqtt_round(NoopIngestor(), args.frames, broker, args.clients, workers))
                     results["mqtt"].append(mqtt_round(core, args.frames, broker, args.clients, workers))
-                if workers is not None:  # the no-op in one process too: the baseline is the faster of the two
-                    noop = NoopIngestor()
-                    if args.only != "mqtt":
-                        results["grpc_noop_1p"].append(grpc_round(noop, args.frames, args.clients, None, args.workers))
-                    if args.only != "grpc":
-                        results["mqtt_noop_1p"].append(
-                            mqtt_round(noop, args.frames, broker, args.clients, None, args.workers)
-                        )
+                if plain["grpc"] and args.only != "mqtt":
+                    noop = grpc_round(NoopIngestor(), args.frames, args.clients, None, connections=1, plain=True)
+                    results["grpc_noop_plain"].append(noop)
+                if plain["mqtt"] and args.only != "grpc":
+                    results["mqtt_noop_plain"].append(
+                        mqtt_round(NoopIngestor(), args.frames, broker, args.clients, None, plain=True)
+                    )
                 inbox = Inbox(InboxConfig(dataset=f"bench-fo-{uuid.uuid4().hex[:8]}"))
                 recs = [(parse_frame(p), work / f"x{i}.jpg") for i, (_, p) in enumerate(make_payloads(args.frames))]
                 t0 = time.perf_counter()
@@ -488,13 +491,16 @@ def main() -> None:
         return
     rows = []
     for kind, name in (("grpc", "gRPC"), ("mqtt", "MQTT via Mosquitto")):
-        # With several server processes the no-op runs both ways; the faster is the baseline.
-        noops = {args.workers: med[f"{kind}_noop"], 1: med.get(f"{kind}_noop_1p", med[f"{kind}_noop"])}
+        # Where the run changes the defaults the no-op runs both ways; the faster is the baseline.
+        conns = f", {args.connections} connection(s) per device" if kind == "grpc" else ""
+        noops = {f"{args.workers} process(es){conns}": med[f"{kind}_noop"]}
+        if f"{kind}_noop_plain" in med:
+            noops["1 process" + (", 1 connection per device" if kind == "grpc" else "")] = med[f"{kind}_noop_plain"]
         base = max(noops.values())
-        for procs in sorted(set(noops)):
-            rows.append((f"{name}, no-op receiver, {procs} process(es)", noops[procs], f"{noops[procs] / base:.3f}"))
-        stored = f"{name}, stored in {args.workers} process(es) (decode_images={args.decode}, group-committed media, "
-        rows.append((stored + "journaled insert)", med[kind], f"{med[kind] / base:.3f}"))
+        for setup, fps in noops.items():
+            rows.append((f"{name}, no-op receiver, {setup}", fps, f"{fps / base:.3f}"))
+        stored = f"{name}, stored, {args.workers} process(es){conns} (decode_images={args.decode}, "
+        rows.append((stored + "group-committed media, journaled insert)", med[kind], f"{med[kind] / base:.3f}"))
     rows.append(("FiftyOne inbox alone (add_records, batches of 64)", med["fiftyone"], "-"))
     table = (
         f"### Server ingest ({time.strftime('%Y-%m-%d')})\n\n"
