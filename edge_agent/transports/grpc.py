@@ -212,7 +212,7 @@ class GrpcTransport(Transport):
             raise TransportError(f"gRPC transport to {self.config.target} is closed") from err
         # Each call's acks are read as they come (every part but the first on a pool thread): an
         # unread response holds its call open, and it would run out of time behind another part.
-        reads = [self._pool.submit(_read_acks, call) for call in calls[1:]] if len(calls) > 1 else []
+        reads = [self._pool.submit(_read_acks, call) for call in calls[1:]]
         acks, errors = _read_acks(calls[0])
         for read in reads:
             more, failed = read.result()
