@@ -72,6 +72,7 @@ def frame_to_pb(rec: FrameRecord) -> pb.FrameUpload:
         reasons=[pb.Reason(trigger=r.trigger, score=r.score, detail=r.detail) for r in rec.reasons],
         source_id=rec.source_id,
         class_names=rec.class_names,
+        embedding=[] if rec.embedding is None else np.asarray(rec.embedding, dtype=np.float32).ravel().tolist(),
     )
 
 
@@ -91,6 +92,7 @@ def frame_from_pb(msg: pb.FrameUpload) -> FrameRecord:
         reasons=[Reason(trigger=r.trigger, score=r.score, detail=r.detail) for r in msg.reasons],
         source_id=msg.source_id,
         class_names=list(msg.class_names),
+        embedding=np.asarray(msg.embedding, dtype=np.float32) if len(msg.embedding) else None,
     )
 
 

@@ -86,6 +86,9 @@ class FrameRecord:
     reasons: list[Reason] = field(default_factory=list)
     source_id: str = ""
     class_names: list[str] = field(default_factory=list)
+    #: The model's L2-normalised image embedding of the frame (``float32``), or ``None`` when the
+    #: model exports none; see :mod:`edgeloop.embedding`.
+    embedding: np.ndarray | None = None
 
 
 class AckStatus:

@@ -5,7 +5,8 @@ writers race). Each sample holds the frame's image path in the media store, the 
 ``predictions`` as ``fo.Detections`` (relative ``[x, y, w, h]`` boxes, ``confidence``, and the
 per-class score vector as ``class_scores`` when the detector exposed it), who sent it and when
 (``device_id``, ``source_id``, ``model_version``, ``capture_time`` in UTC, ``sequence``,
-``ingested_at``), why the edge kept it (``uncertainty``; ``reasons`` as ``{trigger, score,
+``ingested_at``), the model's image ``embedding`` when it exports one (curation's diversity), why the
+edge kept it (``uncertainty``; ``reasons`` as ``{trigger, score,
 detail}`` dicts; the trigger names as sample ``tags``, so the App's tag filter shows "all margin
 frames"), and ``metadata`` (``fo.ImageMetadata``).
 
@@ -231,6 +232,9 @@ class Inbox:
             "predictions": {"_cls": "Detections", "detections": detections},
             "ingested_at": now,
         }
+        if record.embedding is not None:
+            # Plain floats: curation reads them back as one numpy matrix per batch.
+            doc["embedding"] = [float(v) for v in record.embedding]
         return doc
 
     def _open(self) -> fo.Dataset:
@@ -267,6 +271,7 @@ class Inbox:
             ("reasons", fo.ListField, {"subfield": fo.DictField}),
             ("predictions", fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Detections}),
             ("ingested_at", fo.DateTimeField, {}),
+            ("embedding", fo.ListField, {"subfield": fo.FloatField}),
         ]
         schema = dataset.get_field_schema()
         for field, ftype, kwargs in wanted:

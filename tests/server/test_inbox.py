@@ -61,6 +61,17 @@ def test_add_records_stores_samples_with_all_fields(inbox: Inbox, tmp_path: Path
     assert dets[0].confidence == pytest.approx(first.confidence)
     assert dets[0].class_scores == pytest.approx([0.1, 0.2, 0.3])
     assert inbox.count() == 1 == len(inbox.dataset)
+    assert sample.embedding is None  # the record's model exports no embedding
+
+
+def test_embedding_is_stored_as_a_float_list(inbox: Inbox, tmp_path: Path) -> None:
+    import numpy as np
+
+    record = make_record()
+    record.embedding = np.array([0.6, 0.0, -0.8], np.float32)
+    _stored(inbox, [record], tmp_path)
+    assert inbox.sample_for(record.frame_id).embedding == pytest.approx([0.6, 0.0, -0.8])
+    assert inbox.dataset.get_field_schema()["embedding"].field.__class__.__name__ == "FloatField"
 
 
 def test_documents_match_what_fiftyone_writes(inbox: Inbox, tmp_path: Path) -> None:
