@@ -27,6 +27,7 @@ import numpy as np
 from edge_agent.budget import NearDuplicateFilter, UploadBudget
 from edge_agent.config import AgentConfig
 from edge_agent.detectors import Detector, DetectorError, create_detector
+from edge_agent.detectors.base import DetectorOutput
 from edge_agent.encoding import encode_frame
 from edge_agent.metrics import AgentMetrics
 from edge_agent.outbox import Outbox
@@ -38,6 +39,7 @@ from edge_agent.uploader import Uploader
 from edgeloop import __version__
 from edgeloop.convert import device_status_to_pb, serialize_frame
 from edgeloop.domain import Detection, DeviceStatus, Frame, FrameRecord
+from edgeloop.embedding import ReferenceStats
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +90,10 @@ def _prefetch(frames: Iterable[Frame], depth: int, stop: threading.Event) -> Ite
 @dataclass(slots=True)
 class _Scored:
     frame: Frame
-    detections: list[Detection]
+    output: DetectorOutput
     model_version: str
     class_names: list[str]  # of the model that detected it: a swap may happen before the worker gets to it
+    reference: ReferenceStats | None
 
 
 class Agent:
@@ -188,12 +191,13 @@ class Agent:
                 self.metrics.inc("frames_read")
                 t0 = time.perf_counter()
                 with self._detector_lock:
-                    detections = self.detector.detect(frame.image)
+                    output = self.detector.detect_all(frame.image)
                     version = self.model_version
                     class_names = list(self.detector.class_names)
+                    reference = self.detector.reference
                 self.metrics.inference_seconds.observe(time.perf_counter() - t0)
                 self._recent.append(frame.image)
-                self._queue.put(_Scored(frame, detections, version, class_names))
+                self._queue.put(_Scored(frame, output, version, class_names, reference))
                 self.metrics.frame_done()
         finally:
             reading_done.set()
@@ -230,7 +234,7 @@ class Agent:
                 return
             assert isinstance(item, _Scored)
             try:
-                self.process(item.frame, item.detections, item.model_version, item.class_names)
+                self.process(item.frame, item.output, item.model_version, item.class_names, item.reference)
             except BaseException as err:  # surfaced by run(); the loop must not hang the reader
                 logger.exception("scoring worker failed on frame %s", item.frame.name)
                 self._worker_error = err
@@ -248,15 +252,20 @@ class Agent:
     def process(
         self,
         frame: Frame,
-        detections: list[Detection],
+        output: DetectorOutput | list[Detection],
         model_version: str | None = None,
         class_names: list[str] | None = None,
+        reference: ReferenceStats | None = None,
     ) -> Verdict:
         """Score one detected frame and, if it is worth it, store it in the outbox.
 
-        ``model_version`` and ``class_names`` name the model that produced ``detections`` (default: the
-        running one).
+        ``output`` is what the detector said (or just its detections); ``model_version``,
+        ``class_names`` and ``reference`` describe the model that produced it (default: the running
+        one's names; no reference).
         """
+        if not isinstance(output, DetectorOutput):
+            output = DetectorOutput(list(output))
+        detections = output.detections
         seq = self._next_sequence()
         if class_names is None:
             class_names = list(self.detector.class_names)
@@ -266,6 +275,10 @@ class Agent:
             frame.capture_time,
             image_size=(frame.width, frame.height),
             class_names=class_names,
+            weak=output.weak,
+            embedding=output.embedding,
+            reference=reference,
+            stream=frame.stream,
         )
         self.metrics.inc("frames_scored")
         if not verdict.keep:
@@ -291,6 +304,7 @@ class Agent:
             reasons=list(verdict.reasons),
             source_id=frame.source_id,
             class_names=class_names,
+            embedding=output.embedding,
         )
         result = self.outbox.put(record.frame_id, serialize_frame(record), verdict.score)
         self.metrics.inc("frames_evicted", len(result.evicted))

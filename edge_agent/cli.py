@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,6 +76,14 @@ def score(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random-share trigger.")] = 0,
+    sequence: Annotated[
+        bool,
+        typer.Option(
+            "--sequence/--stills",
+            help="A folder's images are consecutive frames of one camera (default: unrelated stills; "
+            "videos and cameras are always streams).",
+        ),
+    ] = False,
 ) -> None:
     """Dry run: detect and score every frame and print detections, score and reasons. Nothing is
     stored or uploaded; use it to tune the trigger thresholds."""
@@ -106,19 +115,29 @@ def score(
         raise _fail(f"cannot load {model}: {err}") from err
     scorer = UncertaintyScorer(triggers, seed=seed)
     try:
-        frames = open_source(SourceConfig(uri=source, limit=limit))
+        frames = open_source(SourceConfig(uri=source, limit=limit, sequence=sequence))
     except SourceError as err:
         raise _fail(str(err)) from err
+    seen = kept = 0
+    fired: Counter[str] = Counter()
     with detector:
         for frame in frames:
-            detections = detector.detect(frame.image)
+            output = detector.detect_all(frame.image)
+            detections = output.detections
             verdict = scorer.score(
                 frame.source_id,
                 detections,
                 frame.capture_time,
                 image_size=(frame.width, frame.height),
                 class_names=detector.class_names,
+                weak=output.weak,
+                embedding=output.embedding,
+                reference=detector.reference,
+                stream=frame.stream,
             )
+            seen += 1
+            kept += verdict.keep
+            fired.update(r.trigger for r in verdict.reasons)
             row = {
                 "frame": frame.name,
                 "index": frame.index,
@@ -149,6 +168,12 @@ def score(
                 mark = "KEEP" if verdict.keep else "skip"
                 typer.echo(f"{frame.name}: {mark} score={verdict.score:.3f} | {names} | {why}")
             sys.stdout.flush()
+    per_trigger = ", ".join(f"{name} {n}" for name, n in fired.most_common()) or "none fired"
+    summary = f"kept {kept} of {seen} frames; triggers fired: {per_trigger}"
+    if json_out:
+        sys.stderr.write(summary + "\n")  # stdout stays one JSON object per frame
+    else:
+        typer.echo(summary)
 
 
 @app.command("config-schema")

@@ -45,6 +45,12 @@ class SourceConfig(StrictModel):
         default=None, gt=0, description="Produce at most this many frames per second (None: as fast as possible)."
     )
     loop: bool = Field(default=False, description="Replay a folder or video file forever.")
+    sequence: bool = Field(
+        default=False,
+        description="The folder's images are consecutive frames of one camera (in name order), so the triggers "
+        "that compare a frame with the previous ones (novelty, flicker, count_jump, recent image novelty) apply. "
+        "Off for a folder of unrelated photos. Video files and cameras are always streams.",
+    )
     limit: int | None = Field(default=None, gt=0, description="Stop after this many frames (None: no limit).")
 
     def resolved_source_id(self) -> str:
@@ -79,7 +85,7 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _iter_folder(folder: Path, source_id: str, loop: bool) -> Iterator[Frame]:
+def _iter_folder(folder: Path, source_id: str, loop: bool, sequence: bool) -> Iterator[Frame]:
     files = list_images(folder)
     if not files:
         raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {folder}")
@@ -90,7 +96,14 @@ def _iter_folder(folder: Path, source_id: str, loop: bool) -> Iterator[Frame]:
             if image is None:
                 logger.warning("skipping %s: not a readable image", path)
                 continue
-            yield Frame(image=image, source_id=source_id, index=index, capture_time=time.time(), name=path.name)
+            yield Frame(
+                image=image,
+                source_id=source_id,
+                index=index,
+                capture_time=time.time(),
+                name=path.name,
+                stream=sequence,
+            )
             index += 1
         if not loop:
             return
@@ -154,7 +167,7 @@ def open_source(config: SourceConfig) -> Iterator[Frame]:
     else:
         path = Path(uri).expanduser()
         if path.is_dir():
-            frames = _iter_folder(path, source_id, config.loop)
+            frames = _iter_folder(path, source_id, config.loop, config.sequence)
         elif path.is_file():
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 frames = _iter_folder_single(path, source_id, config.loop)
@@ -172,7 +185,10 @@ def _iter_folder_single(path: Path, source_id: str, loop: bool) -> Iterator[Fram
         raise SourceError(f"{path} is not a readable image")
     index = 0
     while True:
-        yield Frame(image=image, source_id=source_id, index=index, capture_time=time.time(), name=path.name)
+        # One photo again and again is no stream: nothing moves between "frames".
+        yield Frame(
+            image=image, source_id=source_id, index=index, capture_time=time.time(), name=path.name, stream=False
+        )
         index += 1
         if not loop:
             return

@@ -54,6 +54,9 @@ class Frame:
     index: int
     capture_time: float  # seconds since the epoch
     name: str = ""  # file name or stream position, for logs and the dry-run output
+    #: Whether this frame follows the source's previous frame in time (a video, a camera); False for
+    #: a folder of unrelated photos, where comparing a frame with the one before means nothing.
+    stream: bool = True
 
     @property
     def height(self) -> int:
@@ -86,8 +89,8 @@ class FrameRecord:
     reasons: list[Reason] = field(default_factory=list)
     source_id: str = ""
     class_names: list[str] = field(default_factory=list)
-    #: The model's L2-normalised image embedding of the frame (``float32``), or ``None`` when the
-    #: model exports none; see :mod:`edgeloop.embedding`.
+    #: The model's image embedding of the frame (``float32``, as the model outputs it), or ``None``
+    #: when the model exports none; see :mod:`edgeloop.embedding`.
     embedding: np.ndarray | None = None
 
 

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from edge_agent.detectors import yolo
 from edge_agent.detectors.base import DetectorError, register
+from edgeloop.embedding import EMBEDDING_OUTPUT
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,18 @@ class OnnxRuntimeDetector(yolo.YoloExportDetector):
         except Exception as err:
             raise DetectorError(f"{path} is not a loadable ONNX model: {err}") from err
 
-        self._metadata = yolo.parse_ultralytics_metadata(self._session.get_modelmeta().custom_metadata_map)
+        metadata = self._session.get_modelmeta().custom_metadata_map
+        self._metadata = yolo.parse_ultralytics_metadata(metadata)
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
             raise DetectorError(f"{path} has {len(inputs)} inputs; a YOLO detect export has exactly one image input")
         self._input_name = inputs[0].name
         self._output_name = outputs[0].name
+        # An edgeloop release adds the image embedding as a named output (edgeloop.embedding).
+        embedding = next((o for o in outputs[1:] if o.name == EMBEDDING_OUTPUT), None)
+        self._outputs = [self._output_name] + ([EMBEDDING_OUTPUT] if embedding is not None else [])
+        embedding_dim = embedding.shape[-1] if embedding is not None and isinstance(embedding.shape[-1], int) else None
+        self.reference = yolo.read_reference(metadata, embedding_dim, str(path)) if embedding is not None else None
         self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         self.input_size = self._input_size(inputs[0].shape, path)
         try:
@@ -101,12 +108,14 @@ class OnnxRuntimeDetector(yolo.YoloExportDetector):
         self.model_version = yolo.model_version(yolo.file_sha256(path), self._metadata)
         self.providers = self._session.get_providers()
         logger.info(
-            "loaded %s (%s, %d classes, input %dx%d) on %s",
+            "loaded %s (%s, %d classes, input %dx%d, embedding %s, reference %s) on %s",
             path,
             self.model_version,
             num_classes,
             self.input_size[1],
             self.input_size[0],
+            embedding_dim or "none",
+            f"of {len(self.reference.vectors)} images" if self.reference else "none",
             self.providers,
         )
 
@@ -124,6 +133,10 @@ class OnnxRuntimeDetector(yolo.YoloExportDetector):
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         """Run the session on a prepared tensor; returns the raw ``(1, 4 + nc, N)`` output."""
         return self._session.run([self._output_name], {self._input_name: tensor})[0]
+
+    def infer_all(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        results = self._session.run(self._outputs, {self._input_name: tensor})
+        return results[0], (results[1] if len(results) > 1 else None)
 
     def close(self) -> None:
         # ORT frees the session's arenas when the last reference goes.

@@ -29,6 +29,7 @@ from pydantic import Field
 from edge_agent.detectors import yolo
 from edge_agent.detectors.base import DetectorError, register
 from edgeloop.durable import write_atomic
+from edgeloop.embedding import EMBEDDING_OUTPUT
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,8 @@ class TensorRTDetector(yolo.YoloExportDetector):
         if not path.is_file():
             raise DetectorError(f"ONNX model {path} does not exist (or is not a file)")
         try:
-            self._metadata = yolo.parse_ultralytics_metadata(yolo.read_onnx_metadata(path))
+            self._raw_metadata = yolo.read_onnx_metadata(path)
+            self._metadata = yolo.parse_ultralytics_metadata(self._raw_metadata)
         except ValueError as err:
             raise DetectorError(f"{path} is not an ONNX model: {err}") from err
         sha256 = yolo.file_sha256(path)
@@ -306,9 +308,12 @@ class TensorRTDetector(yolo.YoloExportDetector):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or not outputs:
+        # An edgeloop release adds the image embedding as a named output (edgeloop.embedding).
+        detect_outputs = [n for n in outputs if n != EMBEDDING_OUTPUT]
+        if len(inputs) != 1 or not detect_outputs:
             raise DetectorError(f"{self.config.model} has inputs {inputs}; a YOLO detect export has one image input")
-        self._input_name, self._output_name = inputs[0], outputs[0]
+        self._input_name, self._output_name = inputs[0], detect_outputs[0]
+        self._embedding_name = EMBEDDING_OUTPUT if EMBEDDING_OUTPUT in outputs else None
         in_shape = tuple(engine.get_tensor_shape(self._input_name))
         if any(d < 0 for d in in_shape):
             in_shape = (1, 3, *self._default_size())
@@ -334,16 +339,26 @@ class TensorRTDetector(yolo.YoloExportDetector):
         except ValueError as err:
             raise DetectorError(str(err)) from err
         self.class_names = yolo.class_names_for(self._metadata, num_classes)
+        if self._embedding_name is not None:
+            dim = int(self._host[self._embedding_name].shape[-1])
+            self.reference = yolo.read_reference(self._raw_metadata, dim, str(self.config.model))
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         """Copy in, run the engine, copy out; the returned array is reused by the next call."""
+        return self.infer_all(tensor)[0]
+
+    def infer_all(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         self._cuda.to_device(self._device[self._input_name], np.ascontiguousarray(tensor, dtype=self._input_dtype))
         if not self._context.execute_async_v3(self._cuda.stream_handle):
             raise DetectorError("TensorRT failed to enqueue inference")
         output = self._host[self._output_name]
         self._cuda.to_host(output, self._device[self._output_name])
+        embedding = None
+        if self._embedding_name is not None:
+            embedding = self._host[self._embedding_name]
+            self._cuda.to_host(embedding, self._device[self._embedding_name])
         self._cuda.synchronize()
-        return output
+        return output, embedding
 
     def close(self) -> None:
         # Context before engine before runtime, then the memory they referenced; safe to call twice.

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from edge_agent.detectors.base import Detector
+from edge_agent.detectors.base import Detector, DetectorOutput
 from edgeloop.config_base import StrictModel
 from edgeloop.domain import Detection
+from edgeloop.embedding import ReferenceError, ReferenceStats
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ PAD_VALUE = 114
 DEFAULT_IMGSZ = (640, 640)
 #: Candidates kept (by confidence) before NMS, as ultralytics' ``max_nms``: bounds NMS cost on noisy frames.
 MAX_NMS_CANDIDATES = 30_000
+#: Weak candidates kept (by score) before their NMS: bounds its cost on a frame full of noise.
+MAX_WEAK_CANDIDATES = 300
+#: Weak candidates overlapping each other, or a detection, at this IoU or more are one object.
+WEAK_NMS_IOU = 0.5
 #: Per-class coordinate offset for class-aware NMS in one pass; ultralytics' ``max_wh``. Using the same
 #: constant gives the same float32 rounding, hence the same kept boxes at IoU ties.
 CLASS_OFFSET = 7680.0
@@ -58,6 +63,14 @@ class YoloThresholds(StrictModel):
         description="NMS IoU threshold (per class); 0.7 is ultralytics' predict default, so results match.",
     )
     max_detections: int = Field(300, ge=1, description="Keep at most this many detections per frame.")
+    weak_threshold: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Candidates scoring above this but not above conf_threshold are reported as weak evidence "
+        "(the weak_evidence trigger: a model that half-sees objects it cannot name); 0 turns it off.",
+    )
+    max_weak: int = Field(100, ge=1, description="Report at most this many weak candidates per frame.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,38 +329,8 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, io
     return nms(boxes + offset, scores, iou_threshold)
 
 
-def decode(
-    output: np.ndarray,
-    info: LetterboxInfo,
-    class_names: list[str],
-    thresholds: YoloThresholds,
-) -> list[Detection]:
-    """Turn a raw ``(1, 4 + nc, N)`` output into detections in the frame's pixels, best first.
-
-    Order of work follows ultralytics: confidence filter first (cheap, drops almost every anchor),
-    then xywh to xyxy, top class, class-aware NMS, ``max_detections``, mapping back and clipping.
-    """
-    preds = output[0]
-    if preds.dtype != np.float32:
-        preds = preds.astype(np.float32)
-    scores_all = preds[4:]
-    keep = scores_all.max(axis=0) > thresholds.conf_threshold
-    if not keep.any():
-        return []
-    cand = preds[:, keep].T  # (k, 4 + nc): only the survivors are transposed
-    class_scores = cand[:, 4:]
-    class_ids = class_scores.argmax(axis=1)
-    conf = class_scores[np.arange(len(cand)), class_ids]
-    if len(cand) > MAX_NMS_CANDIDATES:
-        top = np.argsort(-conf, kind="stable")[:MAX_NMS_CANDIDATES]
-        cand, class_scores, class_ids, conf = cand[top], class_scores[top], class_ids[top], conf[top]
-
-    xy, half_wh = cand[:, :2], cand[:, 2:4] / 2
-    boxes = np.concatenate((xy - half_wh, xy + half_wh), axis=1)
-    kept = batched_nms(boxes, conf, class_ids, thresholds.iou_threshold)[: thresholds.max_detections]
-
-    boxes = boxes[kept]
-    # Same arithmetic as ultralytics' scale_boxes: subtract the pad, divide by the per-axis gain, clip.
+def _to_frame(boxes: np.ndarray, info: LetterboxInfo) -> np.ndarray:
+    """Map input-pixel boxes back into the frame in place (ultralytics' ``scale_boxes``: unpad, unscale, clip)."""
     boxes[:, [0, 2]] -= info.pad[0]
     boxes[:, [1, 3]] -= info.pad[1]
     boxes[:, [0, 2]] /= np.float32(info.gain[0])
@@ -355,20 +338,124 @@ def decode(
     h, w = info.orig_shape
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    return boxes
 
-    detections = []
-    for row, k in enumerate(kept):
-        cid = int(class_ids[k])
-        detections.append(
-            Detection(
-                box=(float(boxes[row, 0]), float(boxes[row, 1]), float(boxes[row, 2]), float(boxes[row, 3])),
-                class_id=cid,
-                class_name=class_names[cid] if cid < len(class_names) else f"class{cid}",
-                confidence=float(conf[k]),
-                class_scores=class_scores[k].copy(),
+
+def _xyxy(cand: np.ndarray) -> np.ndarray:
+    xy, half_wh = cand[:, :2], cand[:, 2:4] / 2
+    return np.concatenate((xy - half_wh, xy + half_wh), axis=1)
+
+
+def _overlaps_any(boxes: np.ndarray, others: np.ndarray, threshold: float) -> np.ndarray:
+    """For each box, whether some box of ``others`` overlaps it with IoU at or above ``threshold``."""
+    if len(others) == 0 or len(boxes) == 0:
+        return np.zeros(len(boxes), dtype=bool)
+    iw = np.minimum(boxes[:, None, 2], others[None, :, 2]) - np.maximum(boxes[:, None, 0], others[None, :, 0])
+    ih = np.minimum(boxes[:, None, 3], others[None, :, 3]) - np.maximum(boxes[:, None, 1], others[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area_b = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = inter / (area_a[:, None] + area_b[None, :] - inter)
+    return (iou >= threshold).any(axis=1)
+
+
+def decode(
+    output: np.ndarray,
+    info: LetterboxInfo,
+    class_names: list[str],
+    thresholds: YoloThresholds,
+) -> list[Detection]:
+    """Turn a raw ``(1, 4 + nc, N)`` output into detections in the frame's pixels, best first."""
+    return decode_all(output, info, class_names, thresholds)[0]
+
+
+def decode_all(
+    output: np.ndarray,
+    info: LetterboxInfo,
+    class_names: list[str],
+    thresholds: YoloThresholds,
+) -> tuple[list[Detection], list[Detection]]:
+    """Decode a raw ``(1, 4 + nc, N)`` output into ``(detections, weak candidates)``, both best first.
+
+    Detections follow ultralytics' order of work exactly: confidence filter first (cheap, drops
+    almost every anchor), then xywh to xyxy, top class, class-aware NMS, ``max_detections``, mapping
+    back and clipping. Weak candidates are what the model half-saw: anchors whose top class score
+    lies in ``(weak_threshold, conf_threshold]``, reduced by class-agnostic NMS, minus those that
+    overlap a detection (a weaker twin of a detected box is the margin trigger's business). A model
+    facing a world it was not trained on often detects nothing but leaves many of them.
+    """
+    preds = output[0]
+    if preds.dtype != np.float32:
+        preds = preds.astype(np.float32)
+    scores_all = preds[4:]
+    best = scores_all.max(axis=0)
+    keep = best > thresholds.conf_threshold
+    detections: list[Detection] = []
+    kept_boxes = np.zeros((0, 4), dtype=np.float32)
+    if keep.any():
+        cand = preds[:, keep].T  # (k, 4 + nc): only the survivors are transposed
+        class_scores = cand[:, 4:]
+        class_ids = class_scores.argmax(axis=1)
+        conf = class_scores[np.arange(len(cand)), class_ids]
+        if len(cand) > MAX_NMS_CANDIDATES:
+            top = np.argsort(-conf, kind="stable")[:MAX_NMS_CANDIDATES]
+            cand, class_scores, class_ids, conf = cand[top], class_scores[top], class_ids[top], conf[top]
+        boxes = _xyxy(cand)
+        kept = batched_nms(boxes, conf, class_ids, thresholds.iou_threshold)[: thresholds.max_detections]
+        kept_boxes = boxes[kept].copy()
+        frame_boxes = _to_frame(boxes[kept], info)
+        for row, k in enumerate(kept):
+            cid = int(class_ids[k])
+            detections.append(
+                Detection(
+                    box=tuple(float(v) for v in frame_boxes[row]),  # type: ignore[arg-type]
+                    class_id=cid,
+                    class_name=_name(class_names, cid),
+                    confidence=float(conf[k]),
+                    class_scores=class_scores[k].copy(),
+                )
             )
+    return detections, _weak_candidates(preds, best, keep, kept_boxes, info, class_names, thresholds)
+
+
+def _name(class_names: list[str], cid: int) -> str:
+    return class_names[cid] if cid < len(class_names) else f"class{cid}"
+
+
+def _weak_candidates(
+    preds: np.ndarray,
+    best: np.ndarray,
+    detected: np.ndarray,
+    detected_boxes: np.ndarray,
+    info: LetterboxInfo,
+    class_names: list[str],
+    thresholds: YoloThresholds,
+) -> list[Detection]:
+    if thresholds.weak_threshold <= 0 or thresholds.weak_threshold >= thresholds.conf_threshold:
+        return []
+    weak = (best > thresholds.weak_threshold) & ~detected
+    if not weak.any():
+        return []
+    cand = preds[:, weak].T
+    conf = best[weak]
+    if len(cand) > MAX_WEAK_CANDIDATES:  # bounds the NMS loop on a frame full of noise
+        top = np.argsort(-conf, kind="stable")[:MAX_WEAK_CANDIDATES]
+        cand, conf = cand[top], conf[top]
+    boxes = _xyxy(cand)
+    kept = nms(boxes, conf, WEAK_NMS_IOU)
+    kept = kept[~_overlaps_any(boxes[kept], detected_boxes, WEAK_NMS_IOU)][: thresholds.max_weak]
+    class_ids = cand[kept, 4:].argmax(axis=1)
+    frame_boxes = _to_frame(boxes[kept], info)
+    return [
+        Detection(
+            box=tuple(float(v) for v in frame_boxes[row]),  # type: ignore[arg-type]
+            class_id=int(class_ids[row]),
+            class_name=_name(class_names, int(class_ids[row])),
+            confidence=float(conf[k]),
         )
-    return detections
+        for row, k in enumerate(kept)
+    ]
 
 
 class YoloExportDetector(Detector):
@@ -390,10 +477,43 @@ class YoloExportDetector(Detector):
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         """Run the model on a prepared tensor; returns the raw ``(1, 4 + nc, N)`` output."""
 
+    def infer_all(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run the model; returns the raw output and the raw embedding (``None`` without that output)."""
+        return self.infer(tensor), None
+
     def postprocess(self, output: np.ndarray, info: LetterboxInfo) -> list[Detection]:
         """Decode a raw output into detections in the original frame's pixels."""
         return decode(output, info, self.class_names, self.config)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
+        return self.detect_all(image).detections
+
+    def detect_all(self, image: np.ndarray) -> DetectorOutput:
         tensor, info = self.preprocess(image)
-        return self.postprocess(self.infer(tensor), info)
+        output, embedding = self.infer_all(tensor)
+        detections, weak = decode_all(output, info, self.class_names, self.config)
+        if embedding is not None:
+            embedding = np.array(embedding, dtype=np.float32).ravel()  # a copy: TensorRT reuses its buffer
+        return DetectorOutput(detections, weak, embedding)
+
+
+def read_reference(metadata: Mapping[str, str], embedding_dim: int | None, where: str) -> ReferenceStats | None:
+    """The model's reference statistics, if it carries usable ones; a broken reference is logged, not fatal.
+
+    A model without them still detects; only the image-novelty trigger loses its comparison with
+    the training images.
+    """
+    try:
+        reference = ReferenceStats.from_metadata(metadata)
+    except ReferenceError as err:
+        logger.warning("%s: ignoring its reference statistics: %s", where, err)
+        return None
+    if reference is not None and reference.dim != embedding_dim:
+        logger.warning(
+            "%s: ignoring its reference statistics: %d-dimensional, but the model's embedding has %s values",
+            where,
+            reference.dim,
+            embedding_dim,
+        )
+        return None
+    return reference

@@ -243,6 +243,39 @@ def show_command(
         typer.echo("\n".join(f"{k.ljust(width)}  {val}" for k, val in lines))
 
 
+@models_app.command("prepare")
+def prepare_command(
+    model: Annotated[Path, typer.Argument(help="An ultralytics ONNX detect export.")],
+    out: Annotated[Path, typer.Argument(help="Where to write the prepared model (may be MODEL itself).")],
+    reference_images: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--reference-images",
+            "-r",
+            help="The images the model was trained on (folders or files, repeatable): their statistics travel "
+            "in the model so devices can tell frames unlike them.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add the image-embedding output (and reference statistics) to a model before publishing it."""
+    from server.registry.prepare import PrepareError, prepare_model
+
+    try:
+        stats = prepare_model(model, out, reference_images or [])
+    except (PrepareError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_ERROR) from err
+    data: dict[str, Any] = {"model": str(out), "embedding": True}
+    if stats is not None:
+        data["reference"] = {"images": stats.source, "vectors": len(stats.vectors), "q50": stats.q50, "q99": stats.q99}
+    text = f"wrote {out} with an image-embedding output"
+    if stats is not None:
+        text += f" and reference statistics ({stats.source}; nearest-neighbour distance q50 {stats.q50:.2f}, "
+        text += f"q99 {stats.q99:.2f})"
+    _report(as_json, data, text)
+
+
 @models_app.command("publish")
 def publish_command(
     onnx: Annotated[Path, typer.Argument(help="An ultralytics YOLO detect export (.onnx).")],

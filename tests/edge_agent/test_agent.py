@@ -412,3 +412,47 @@ def test_a_frame_the_receiver_cannot_take_is_isolated_and_set_aside(tmp_path):
             transport.close()
     finally:
         receiver.stop()
+
+
+def _kept_records(cfg: AgentConfig) -> list[FrameRecord]:
+    """Run an agent without a transport over its source; what its outbox holds afterwards."""
+    agent = Agent(cfg)
+    try:
+        agent.run()
+        return [parse_frame(p.payload) for p in agent.outbox.peek(100)]
+    finally:
+        agent.close()
+
+
+@needs_shared
+@pytest.mark.parametrize("sequence", [False, True])
+def test_a_folder_of_unrelated_photos_is_not_a_stream_unless_the_user_says_so(tmp_path, sequence):
+    """coco8's photos have nothing to do with each other: comparing one with the one before would
+    see objects vanish and appear between them (what a user saw as 'flicker: horse vanished')."""
+    records = _kept_records(_config(tmp_path, source={"uri": str(COCO_TRAIN), "sequence": sequence}, seed=0))
+    assert len(records) == 4  # all kept (random share 1.0), each with every reason that fired
+    fired = {r.trigger for rec in records for r in rec.reasons}
+    temporal = {"novelty", "flicker", "count_jump"}
+    if sequence:
+        assert temporal & fired, fired  # told it is a sequence, the agent compares frames
+    else:
+        assert not temporal & fired, fired
+        assert "confidence_band" in fired  # the per-frame triggers still run
+
+
+@needs_shared
+def test_the_model_embedding_travels_with_each_kept_frame(tmp_path):
+    from server.registry.prepare import prepare_model
+
+    model = prepare_model(MODEL, tmp_path / "embed.onnx", [COCO_TRAIN]) and tmp_path / "embed.onnx"
+    records = _kept_records(_config(tmp_path, detector={"type": "onnxruntime", "model": str(model)}))
+    assert len(records) == 4
+    assert all(r.embedding is not None and r.embedding.shape == (448,) for r in records)
+    # same image, same embedding: the detector is deterministic
+    direct = Agent(_config(tmp_path / "b", detector={"type": "onnxruntime", "model": str(model)}))
+    try:
+        image = cv2.imread(str(sorted(COCO_TRAIN.glob("*.jpg"))[0]))
+        emb = direct.detector.detect_all(image).embedding
+    finally:
+        direct.close()
+    assert any(np.allclose(r.embedding, emb, atol=1e-6) for r in records)

@@ -257,6 +257,40 @@ def test_decode_applies_nms_per_class():
     assert [(d.class_name, round(d.confidence, 2)) for d in dets] == [("x", 0.9), ("y", 0.7)]
 
 
+def test_decode_all_reports_weak_candidates_apart_from_detections():
+    _, info = yolo.letterbox(np.zeros((640, 640, 3), np.uint8), (640, 640))
+    rows = [
+        (100, 100, 50, 50, [0.9, 0.0]),  # a detection
+        (102, 102, 50, 50, [0.15, 0.0]),  # its weaker twin: overlaps it, so not weak evidence
+        (400, 400, 40, 40, [0.0, 0.18]),  # a half-seen object elsewhere
+        (403, 401, 40, 40, [0.12, 0.1]),  # the same blob again, another class: one candidate
+        (300, 500, 30, 30, [0.04, 0.0]),  # under the weak threshold: noise
+        (500, 100, 30, 30, [0.2, 0.0]),  # exactly the detection threshold: weak ("above" only detects)
+    ]
+    thresholds = yolo.YoloThresholds(conf_threshold=0.2, weak_threshold=0.05)
+    dets, weak = yolo.decode_all(_synthetic_output(rows, 2), info, ["x", "y"], thresholds)
+    assert [(d.class_name, round(d.confidence, 2)) for d in dets] == [("x", 0.9)]
+    assert [(d.class_name, round(d.confidence, 2)) for d in weak] == [("x", 0.2), ("y", 0.18)]
+    assert weak[1].box == pytest.approx((380, 380, 420, 420), abs=1e-3)
+    assert weak[0].class_scores is None  # weak candidates carry no score vector
+    # off, or capped
+    off = yolo.YoloThresholds(conf_threshold=0.2, weak_threshold=0.0)
+    assert yolo.decode_all(_synthetic_output(rows, 2), info, ["x", "y"], off)[1] == []
+    capped = yolo.YoloThresholds(conf_threshold=0.2, max_weak=1)
+    assert len(yolo.decode_all(_synthetic_output(rows, 2), info, ["x", "y"], capped)[1]) == 1
+    # detections are exactly what decode gives: the weak pass does not change them
+    plain = yolo.decode(_synthetic_output(rows, 2), info, ["x", "y"], thresholds)
+    assert [(d.box, d.class_id, d.confidence) for d in plain] == [(d.box, d.class_id, d.confidence) for d in dets]
+
+
+def test_a_model_that_sees_nothing_leaves_weak_candidates():
+    _, info = yolo.letterbox(np.zeros((640, 640, 3), np.uint8), (640, 640))
+    rows = [(60 + 70 * i, 320, 40, 40, [0.06 + 0.01 * i, 0.0]) for i in range(8)]
+    dets, weak = yolo.decode_all(_synthetic_output(rows, 2), info, ["x", "y"], yolo.YoloThresholds())
+    assert dets == [] and len(weak) == 8
+    assert [round(d.confidence, 2) for d in weak] == sorted((round(0.06 + 0.01 * i, 2) for i in range(8)), reverse=True)
+
+
 def test_parse_ultralytics_metadata():
     meta = yolo.parse_ultralytics_metadata(
         {

@@ -19,6 +19,7 @@ from edge_agent.triggers import (
     combined_score,
 )
 from edgeloop.domain import Detection, Reason
+from edgeloop.embedding import ReferenceStats
 
 NAMES = {0: "person", 1: "car", 2: "dog"}
 PERSON, CAR, DOG = 0, 1, 2
@@ -55,8 +56,10 @@ def feed(
     t0: float = 0.0,
     dt: float = 0.1,
     image_size: tuple[int, int] | None = None,
+    **extra: object,
 ) -> list[Verdict]:
-    return [scorer.score(source, f, t0 + i * dt, image_size=image_size) for i, f in enumerate(frames)]
+    """Score ``frames`` in order; ``extra`` goes to every ``score`` call (weak, embedding, reference, stream)."""
+    return [scorer.score(source, f, t0 + i * dt, image_size=image_size, **extra) for i, f in enumerate(frames)]
 
 
 def reason(verdict: Verdict, trigger: str) -> Reason | None:
@@ -137,7 +140,8 @@ def test_scorer_copies_its_config() -> None:
     ],
 )
 def test_confidence_band_boundaries(conf: float, fires: bool, score: float | None) -> None:
-    v = UncertaintyScorer(only("confidence_band")).score("cam", [det(conf=conf)], 0.0)
+    # weight 1: the score is the detection's grade itself
+    v = UncertaintyScorer(only("confidence_band", weight=1.0)).score("cam", [det(conf=conf)], 0.0)
     r = reason(v, "confidence_band")
     assert (r is not None) == fires
     if r is not None:
@@ -146,17 +150,36 @@ def test_confidence_band_boundaries(conf: float, fires: bool, score: float | Non
 
 def test_confidence_band_reports_the_most_uncertain_detection() -> None:
     dets = [det(conf=0.9), det(cls=DOG, conf=0.41), det(cls=CAR, conf=0.27), det(conf=0.1)]
-    r = reason(UncertaintyScorer(only("confidence_band")).score("cam", dets, 0.0), "confidence_band")
+    r = reason(UncertaintyScorer(only("confidence_band", weight=0.4)).score("cam", dets, 0.0), "confidence_band")
     assert r is not None
     assert r.detail == "dog 0.41 in [0.25, 0.60) (+1 more)"
-    assert r.score == pytest.approx(1 - 0.015 / 0.175)
+    # both in-band detections count, by noisy-OR of weight x grade
+    dog, car = 1 - 0.015 / 0.175, 1 - 0.155 / 0.175
+    assert r.score == pytest.approx(1 - (1 - 0.4 * dog) * (1 - 0.4 * car))
+
+
+def test_confidence_band_detail_never_rounds_onto_a_band_edge() -> None:
+    scorer = UncertaintyScorer(only("confidence_band"))
+    near_high = reason(scorer.score("cam", [det(cls=DOG, conf=0.5996)], 0.0), "confidence_band")
+    near_low = reason(scorer.score("cam", [det(cls=DOG, conf=0.2501)], 0.0), "confidence_band")
+    assert near_high is not None and near_high.detail == "dog 0.5996 in [0.25, 0.60)"
+    assert near_low is not None and near_low.detail == "dog 0.2501 in [0.25, 0.60)"
+
+
+def test_more_uncertain_detections_score_higher_but_one_never_reaches_one() -> None:
+    scorer = UncertaintyScorer(only("confidence_band"))
+    one = scorer.score("cam", [det(conf=0.42)], 0.0).score
+    three = scorer.score("cam", [det(conf=0.42), det(cls=CAR, conf=0.45), det(cls=DOG, conf=0.4)], 0.0).score
+    edge = scorer.score("cam", [det(conf=0.58)], 0.0).score
+    assert edge < one < three < 1.0
+    assert one == pytest.approx(TriggersConfig().confidence_band.weight * (1 - 0.005 / 0.175))
 
 
 # ---------------------------------------------------------------------------------------- margin
 
 
 def test_margin_fires_below_max_margin_only() -> None:
-    scorer = UncertaintyScorer(only("margin", max_margin=0.125))
+    scorer = UncertaintyScorer(only("margin", max_margin=0.125, weight=1.0))
     # binary-exact values so the boundary is exact: margin 0.125 == max_margin does not fire
     at = scorer.score("cam", [det(cls=DOG, conf=0.75, scores=[0.0, 0.625, 0.75])], 0.0)
     assert reason(at, "margin") is None
@@ -167,10 +190,10 @@ def test_margin_fires_below_max_margin_only() -> None:
     assert r.detail == "dog margin 0.06 over class 1"
 
 
-def test_margin_tie_scores_one() -> None:
-    v = UncertaintyScorer(only("margin")).score("cam", [det(conf=0.5, scores=[0.5, 0.5, 0.1])], 0.0)
+def test_margin_tie_scores_the_full_weight() -> None:
+    v = UncertaintyScorer(only("margin", weight=0.4)).score("cam", [det(conf=0.5, scores=[0.5, 0.5, 0.1])], 0.0)
     r = reason(v, "margin")
-    assert r is not None and r.score == 1.0
+    assert r is not None and r.score == pytest.approx(0.4)
 
 
 def test_margin_ignores_detections_below_the_band_low_by_default() -> None:
@@ -193,17 +216,18 @@ def test_entropy_boundary_is_strictly_above() -> None:
     scores = [0.6, 0.3, 0.1]
     h = _reference_entropy(scores)
     d = [det(conf=0.6, scores=scores)]
-    fires = UncertaintyScorer(only("entropy", min_entropy=h - 1e-9, top_k=None)).score("cam", d, 0.0)
-    silent = UncertaintyScorer(only("entropy", min_entropy=h + 1e-9, top_k=None)).score("cam", d, 0.0)
+    fires = UncertaintyScorer(only("entropy", min_entropy=h - 1e-5, top_k=None)).score("cam", d, 0.0)
+    silent = UncertaintyScorer(only("entropy", min_entropy=h + 1e-5, top_k=None)).score("cam", d, 0.0)
     r = reason(fires, "entropy")
-    assert r is not None and r.detail == f"person entropy {h:.2f} > {h - 1e-9:.2f}"
+    # printed with the decimals it takes to stay above the threshold, never "0.81 > 0.81"
+    assert r is not None and r.detail == f"person entropy {h:.4f} > {h - 1e-5:.2f}"
     assert reason(silent, "entropy") is None
 
 
 def test_entropy_normalises_independent_sigmoid_scores() -> None:
     # Two sigmoids at 0.9 sum to 1.8; normalised they are a perfect two-way split: entropy 1.
-    v = UncertaintyScorer(only("entropy", min_entropy=0.99)).score("cam", [det(conf=0.9, scores=[0.9, 0.9])], 0.0)
-    r = reason(v, "entropy")
+    scorer = UncertaintyScorer(only("entropy", min_entropy=0.99, weight=1.0))
+    r = reason(scorer.score("cam", [det(conf=0.9, scores=[0.9, 0.9])], 0.0), "entropy")
     assert r is not None and r.score == pytest.approx(1.0)
 
 
@@ -258,7 +282,7 @@ def test_novelty_waits_for_warmup() -> None:
     r = reason(warm[-1], "novelty")
     assert r is not None
     assert r.detail == "novel car (1 of 2)"
-    assert r.score == pytest.approx(0.5)
+    assert r.score == pytest.approx(0.5 * TriggersConfig().novelty.weight)  # half the confident boxes are new
 
 
 def test_novelty_first_frame_of_a_camera_is_not_novel() -> None:
@@ -328,8 +352,33 @@ def test_flicker_fires_on_vanish_and_on_appear() -> None:
     assert vs[0].reasons == []
     gone = reason(vs[1], "flicker")
     back = reason(vs[2], "flicker")
-    assert gone is not None and gone.detail == "person vanished" and gone.score == 1.0
+    assert gone is not None and gone.detail == "person vanished"
     assert back is not None and back.detail == "person appeared"
+    # a one-frame sighting is weak evidence; an appearance counts half a vanishing
+    w, persist = TriggersConfig().flicker.weight, TriggersConfig().flicker.persist_frames
+    assert gone.score == pytest.approx(w * 0.9 / persist)
+    assert back.score == pytest.approx(w * 0.5 * 0.9)
+
+
+def test_flicker_grades_by_confidence_size_and_how_long_the_object_was_seen() -> None:
+    size = (640, 480)
+
+    def vanish(box: tuple[float, ...], conf: float, seen: int) -> float:
+        frames = [[det(box, conf=conf)]] * seen + [[]]
+        r = reason(feed(flicker(), frames, image_size=size)[-1], "flicker")
+        assert r is not None
+        return r.score
+
+    big = (100, 100, 300, 300)  # 13% of the image
+    small = (100, 100, 110, 110)  # 0.03%
+    strong = vanish(big, 0.95, seen=5)
+    assert strong == pytest.approx(TriggersConfig().flicker.weight * 0.95)  # all evidence, still below 1
+    assert vanish(big, 0.55, seen=5) < strong  # less sure the object was there
+    assert vanish(small, 0.95, seen=5) < strong  # tiny objects come and go
+    assert vanish(big, 0.95, seen=1) < vanish(big, 0.95, seen=2) < strong  # a blip, then a short track
+    # two large objects vanishing is more evidence than one
+    two = feed(flicker(), [[det(big, conf=0.95), det((350, 100, 550, 300), conf=0.95)]] * 5 + [[]], image_size=size)
+    assert reason(two[-1], "flicker").score > strong
 
 
 def test_flicker_is_silent_for_a_stable_jittering_object() -> None:
@@ -398,7 +447,7 @@ def crowd(n: int, conf: float = 0.8) -> list[Detection]:
 
 
 @pytest.mark.parametrize(
-    ("history", "n", "fires", "score"),
+    ("history", "n", "fires", "grade"),
     [
         ([2, 2, 2], 5, True, 0.5),
         ([2, 2, 2], 4, False, None),
@@ -410,13 +459,13 @@ def crowd(n: int, conf: float = 0.8) -> list[Detection]:
         ([2, 2], 9, False, None),  # min_history 3 not reached
     ],
 )
-def test_count_jump(history: list[int], n: int, fires: bool, score: float | None) -> None:
+def test_count_jump(history: list[int], n: int, fires: bool, grade: float | None) -> None:
     vs = feed(UncertaintyScorer(only("count_jump")), [crowd(k) for k in [*history, n]])
     assert all(v.reasons == [] for v in vs[:-1])
     r = reason(vs[-1], "count_jump")
     assert (r is not None) == fires
     if r is not None:
-        assert r.score == pytest.approx(score)
+        assert r.score == pytest.approx(TriggersConfig().count_jump.weight * grade)
         assert r.detail.startswith(f"{n} detections vs median ")
 
 
@@ -557,11 +606,14 @@ def test_verdict_is_frozen() -> None:
 # ------------------------------------------------------------------------- on/off, state, edges
 
 
-# For each trigger: a sequence of frames whose last one makes it fire when enabled.
+# For each trigger: a sequence of frames whose last one makes it fire when enabled (and the
+# detector output beside the detections that it needs).
 FIRING = {
     "confidence_band": [[det(conf=0.42)]],
     "margin": [[det(conf=0.7, scores=[0.7, 0.69, 0.0])]],
     "entropy": [[det(conf=0.5, scores=[0.5, 0.5, 0.5])]],
+    "weak_evidence": [[det(conf=0.2), det((300, 300, 340, 360), CAR, conf=0.15)]],
+    "image_novelty": [[]],
     "novelty": [[PERSON_AT_HOME]] * 5 + [[PERSON_AT_HOME, NEW_CAR]],
     "flicker": [[PERSON_AT_HOME], []],
     "count_jump": [crowd(1)] * 3 + [crowd(6)],
@@ -569,18 +621,29 @@ FIRING = {
 }
 
 
+def _reference(dim: int = 8, seed: int = 0) -> ReferenceStats:
+    """Training images' statistics: standard-normal embeddings around zero."""
+    return ReferenceStats.from_embeddings(np.random.default_rng(seed).normal(size=(200, dim)))
+
+
+REFERENCE = _reference()
+FAR = np.full(8, 6.0, np.float32)  # six standard deviations out in every value
+NEAR = np.zeros(8, np.float32)  # the training images' mean
+EXTRA = {"image_novelty": {"embedding": FAR, "reference": REFERENCE}}
+
+
 @pytest.mark.parametrize("trigger", ALL)
 def test_each_trigger_fires_when_enabled_and_never_when_disabled(trigger: str) -> None:
     fields = {"rate": 1.0} if trigger == "random" else {}
-    on = feed(UncertaintyScorer(only(trigger, **fields)), FIRING[trigger])[-1]
+    on = feed(UncertaintyScorer(only(trigger, **fields)), FIRING[trigger], **EXTRA.get(trigger, {}))[-1]
     r = reason(on, trigger)
     assert r is not None and r.trigger == trigger and r.detail
     # everything on but this one, on every scenario: it never shows up
     data: dict[str, object] = {"random": {"rate": 1.0}}  # so random shows up beside the others
     data[trigger] = {"enabled": False}
     cfg = TriggersConfig.model_validate(data)
-    for frames in FIRING.values():
-        for v in feed(UncertaintyScorer(cfg, seed=0), frames):
+    for name, frames in FIRING.items():
+        for v in feed(UncertaintyScorer(cfg, seed=0), frames, **EXTRA.get(name, {})):
             assert trigger not in v.triggers
 
 
@@ -627,3 +690,144 @@ def test_margin_reason_names_the_runner_up_class_when_names_are_given():
     unnamed = UncertaintyScorer(cfg, seed=0).score("cam", [det], 0.0)
     assert next(r.detail for r in named.reasons if r.trigger == "margin").startswith("dog margin 0.05 over cat")
     assert "over class 1" in next(r.detail for r in unnamed.reasons if r.trigger == "margin")
+
+
+# --------------------------------------------------------------------------------- weak evidence
+
+
+def weak_det(conf: float, x: float = 0.0, cls: int = PERSON) -> Detection:
+    return det((x, 0, x + 20, 20), cls, conf)
+
+
+def test_weak_evidence_needs_min_candidates_above_the_floor() -> None:
+    scorer = UncertaintyScorer(only("weak_evidence"))
+    assert reason(scorer.score("cam", [], 0.0, weak=[weak_det(0.2)]), "weak_evidence") is None  # one faint blob
+    assert reason(scorer.score("cam", [], 0.0, weak=[weak_det(0.05), weak_det(0.04, 30)]), "weak_evidence") is None
+    r = reason(scorer.score("cam", [], 0.0, weak=[weak_det(0.2), weak_det(0.1, 30, DOG)]), "weak_evidence")
+    assert r is not None and r.detail == "2 candidates under 0.25 (best person 0.20, mass 0.30)"
+
+
+def test_weak_evidence_counts_detections_under_the_band_too() -> None:
+    scorer = UncertaintyScorer(only("weak_evidence"))
+    r = reason(scorer.score("cam", [det(conf=0.22)], 0.0, weak=[weak_det(0.12, 200)]), "weak_evidence")
+    assert r is not None and r.detail.startswith("2 candidates")
+    # a sure detection is not weak evidence
+    assert reason(scorer.score("cam", [det(conf=0.9)], 0.0, weak=[weak_det(0.12)]), "weak_evidence") is None
+
+
+def test_weak_evidence_grows_with_more_and_stronger_candidates() -> None:
+    scorer = UncertaintyScorer(only("weak_evidence", min_score=0.0))
+
+    def score(confs: list[float]) -> float:
+        return scorer.score("cam", [], 0.0, weak=[weak_det(c, 30 * i) for i, c in enumerate(confs)]).score
+
+    assert 0 < score([0.1, 0.1]) < score([0.2, 0.2]) < score([0.2, 0.2, 0.2, 0.2]) < score([0.24] * 12) < 1.0
+
+
+# --------------------------------------------------------------------------------- image novelty
+
+
+def test_image_novelty_fires_for_a_frame_unlike_the_training_images() -> None:
+    scorer = UncertaintyScorer(only("image_novelty"))
+    far = reason(scorer.score("cam", [], 0.0, embedding=FAR, reference=REFERENCE, stream=False), "image_novelty")
+    assert far is not None and far.detail.startswith("unlike the training images")
+    assert far.score == pytest.approx(TriggersConfig().image_novelty.weight)  # far past q99: full weight
+    assert scorer.score("cam", [], 0.0, embedding=NEAR, reference=REFERENCE, stream=False).reasons == []
+    # graded: the score grows with the distance, from nothing inside the training images to the full weight
+    direction = np.ones(8, np.float32) / math.sqrt(8)
+    scores = [
+        scorer.score("cam", [], 0.0, embedding=direction * r, reference=REFERENCE, stream=False).score
+        for r in np.linspace(0.0, 20.0, 81)
+    ]
+    assert scores[0] == 0.0 and scores[-1] == pytest.approx(far.score)
+    assert all(a <= b + 1e-9 for a, b in zip(scores, scores[1:], strict=False))
+    assert any(0.0 < x < far.score for x in scores)
+
+
+def test_image_novelty_needs_an_embedding_of_the_reference_size_and_a_reference() -> None:
+    scorer = UncertaintyScorer(only("image_novelty"))
+    assert scorer.score("cam", [], 0.0, embedding=FAR).reasons == []  # no reference: no scale
+    assert scorer.score("cam", [], 0.0, reference=REFERENCE).reasons == []  # no embedding
+    assert scorer.score("cam", [], 0.0, embedding=np.full(5, 9.0), reference=REFERENCE).reasons == []
+
+
+def test_image_novelty_in_a_stream_sees_a_scene_change_inside_the_training_world() -> None:
+    scorer = UncertaintyScorer(only("image_novelty"))
+    rng = np.random.default_rng(1)
+    scene_a = rng.normal(size=8).astype(np.float32) * 0.5  # both scenes are ordinary training-world frames
+    scene_b = -scene_a
+    frames = [scene_a + rng.normal(scale=0.01, size=8).astype(np.float32) for _ in range(10)] + [scene_b]
+    verdicts = [
+        scorer.score("cam", [], float(i), embedding=e, reference=REFERENCE, stream=True) for i, e in enumerate(frames)
+    ]
+    assert all(v.reasons == [] for v in verdicts[:-1])
+    r = reason(verdicts[-1], "image_novelty")
+    assert r is not None and r.detail.startswith("unlike the last 10 frames")
+    # the same frame among stills: nothing to compare with, and nothing unlike the training images
+    stills = UncertaintyScorer(only("image_novelty"))
+    assert stills.score("cam", [], 11.0, embedding=scene_b, reference=REFERENCE, stream=False).reasons == []
+
+
+def test_image_novelty_does_not_compare_embeddings_of_two_models() -> None:
+    scorer = UncertaintyScorer(only("image_novelty"))
+    rng = np.random.default_rng(2)
+    scene = rng.normal(size=8).astype(np.float32) * 0.5
+    for i in range(5):
+        scorer.score("cam", [], float(i), embedding=scene, reference=REFERENCE)
+    other = _reference(seed=9)  # a new model version after a swap: its own space
+    assert scorer.score("cam", [], 5.0, embedding=-scene, reference=other).reasons == []
+
+
+# ------------------------------------------------------------------------------ streams and stills
+
+
+def test_stills_never_fire_the_triggers_that_compare_with_previous_frames() -> None:
+    scorer = UncertaintyScorer(TriggersConfig(random={"enabled": False}))
+    frames = [[PERSON_AT_HOME]] * 6 + [[NEW_CAR] + crowd(6)] + [[]]  # novel, flicker, jump in a stream
+    stills = feed(scorer, frames, stream=False, image_size=(640, 480))
+    temporal = {"novelty", "flicker", "count_jump"}
+    assert not any(temporal & set(v.triggers) for v in stills)
+    streamed = feed(UncertaintyScorer(TriggersConfig(random={"enabled": False})), frames, image_size=(640, 480))
+    assert temporal <= {t for v in streamed for t in v.triggers}
+
+
+# -------------------------------------------------------------------- what the combined score ranks
+
+
+def test_a_single_binary_trigger_no_longer_yields_the_top_score() -> None:
+    cfg = TriggersConfig(random={"enabled": False})
+    size = (640, 480)
+    big = (100, 100, 300, 300)
+    # the strongest flicker there is: a large, sure, long-seen object vanishing
+    flick = feed(UncertaintyScorer(cfg), [[det(big, conf=0.99)]] * 6 + [[]], image_size=size)[-1]
+    assert flick.triggers == ["flicker"] and flick.score < 0.9
+    # the same vanishing plus what else the model shows about the frame ranks higher
+    unsure = [det((400, 100, 450, 160), DOG, 0.42, [0.05, 0.36, 0.42])]
+    richer = feed(UncertaintyScorer(cfg), [[det(big, conf=0.99)] + unsure] * 6 + [unsure], image_size=size)[-1]
+    assert "flicker" in richer.triggers and richer.score > flick.score
+
+
+def test_frames_with_more_evidence_of_error_score_higher() -> None:
+    """An ordered ladder of frames: each rung adds evidence that the model is wrong about the frame."""
+    cfg = TriggersConfig(random={"enabled": False})
+    size = (640, 480)
+    sure = [det((100, 100, 200, 200), conf=0.95), det((300, 100, 400, 220), CAR, conf=0.9)]
+
+    def last(frames: list[list[Detection]], **extra: object) -> float:
+        return feed(UncertaintyScorer(cfg), frames, image_size=size, **extra)[-1].score
+
+    ladder = [
+        last([sure] * 6),  # a calm camera: nothing to see
+        last([sure] * 5 + [[*sure, det((450, 300, 520, 380), DOG, conf=0.55)]]),  # one box at the band's top
+        last([sure] * 5 + [[*sure, det((450, 300, 520, 380), DOG, conf=0.42)]]),  # ... in its middle
+        last([sure] * 5 + [[*sure, det((450, 300, 520, 380), DOG, 0.42, [0.1, 0.38, 0.42])]]),  # and confused
+        last([sure] * 5 + [[sure[1], det((450, 300, 520, 380), DOG, 0.42, [0.1, 0.38, 0.42])]]),  # a person gone
+        last(
+            [sure] * 5 + [[sure[1], det((450, 300, 520, 380), DOG, 0.42, [0.1, 0.38, 0.42])]],
+            embedding=FAR,
+            reference=REFERENCE,
+        ),  # ... in a frame unlike anything the model was trained on
+    ]
+    assert ladder[0] == 0.0
+    assert all(a < b for a, b in zip(ladder, ladder[1:], strict=False)), ladder
+    assert ladder[-1] < 1.0
