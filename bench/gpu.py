@@ -21,7 +21,7 @@ Hand-run on a machine with CUDA; inputs default to the folder ``.gpu/`` inside t
   the CPU with the int8 export of the same network at batch 1 (letterbox, ``session.run``, decode
   and class-aware NMS in numpy/OpenCV, as the edge agent does; ORT's default CPU threads).
 
-Offline: ultralytics' environment comes from ``flows.training.offline`` and is set before
+Offline: ultralytics' environment comes from ``edgeloop.offline`` and is set before
 ultralytics is imported; settings and weights live in a temporary state dir. The AMP check that
 ultralytics runs before CUDA training loads ``yolo26n.pt`` from its weights dir and downloads it
 when missing; this script puts the local COCO YOLOv8n checkpoint there under that name, so the
@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import emit  # noqa: E402
-from flows.training.offline import offline_environment  # noqa: E402
+from edgeloop.offline import offline_environment  # noqa: E402
 
 TRAIN_BATCH = 16
 TRAIN_WORKERS = 8

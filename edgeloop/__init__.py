@@ -6,4 +6,9 @@ the protobuf <-> domain conversion (``edgeloop.convert``), the synthetic scene g
 (``edgeloop.synth``) and the ``edgeloop`` command line (``edgeloop.cli``).
 """
 
+from edgeloop.offline import disable_library_telemetry
+
 __version__ = "0.1.0"
+
+# Before anything can import onnxruntime: its telemetry is only off if the variable is set first.
+disable_library_telemetry()

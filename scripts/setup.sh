@@ -12,9 +12,10 @@ PY=${PYTHON:-python3}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# mosquitto: the MQTT broker the tests and the demo start; libcurl4/libssl3: the bundled mongod needs them.
+# mosquitto: the MQTT broker the tests and the demo start; libcurl4/libssl3: the bundled mongod needs them;
+# strace/iproute2: the offline test traces every socket call in a network namespace with only loopback.
 missing=()
-for pkg in mosquitto mosquitto-clients libcurl4 libssl3; do
+for pkg in mosquitto mosquitto-clients libcurl4 libssl3 strace iproute2; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from edgeloop.offline import offline_environment
 from edgeloop.synth import (
     SCENARIOS,
     SceneParams,
@@ -31,7 +32,6 @@ from edgeloop.synth import (
 )
 from edgeloop.synth import scenes as scenes_mod
 from edgeloop.synth.cli import synth_command
-from flows.training.offline import offline_environment
 
 # Small frames keep the suite fast; the renderer has no special case for any size.
 SMALL = {"width": 320, "height": 240}

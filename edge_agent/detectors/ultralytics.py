@@ -6,13 +6,17 @@ backends, which are smaller to install, faster, and expose the full class-score 
 ``Results`` keep only the top class's confidence, so detections here carry ``class_scores=None``
 and score-vector triggers (margin, entropy) see nothing from this backend.
 
-On offline devices set ``YOLO_OFFLINE=1``, ``YOLO_AUTOINSTALL=0`` and ``YOLO_CONFIG_DIR`` in the
-process environment before it starts (see the setup notes): ultralytics reads them at import.
+ultralytics reaches out on its own (DNS probes, pip installs, settings under ``~/.config``): the
+backend puts :func:`edgeloop.offline.offline_environment` in force before it imports ultralytics,
+with its settings in ``state_dir``. ultralytics reads them once, at import: a process that imported
+it before with other settings keeps those.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +26,7 @@ from pydantic import Field
 from edge_agent.detectors import yolo
 from edge_agent.detectors.base import Detector, DetectorError, register
 from edgeloop.domain import Detection
+from edgeloop.offline import offline_environment
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,11 @@ class UltralyticsDetectorConfig(yolo.YoloThresholds):
     imgsz: int | None = Field(
         None, ge=32, description="Inference size in pixels; None uses the model's own (640 for exports)."
     )
+    state_dir: Path | None = Field(
+        None,
+        description="Where ultralytics keeps its settings and font (never ~/.config); None: a folder in the "
+        "system's temporary directory.",
+    )
 
 
 class UltralyticsDetector(Detector):
@@ -49,6 +59,9 @@ class UltralyticsDetector(Detector):
         path = config.model
         if not path.is_file():
             raise DetectorError(f"model {path} does not exist (or is not a file)")
+        state = config.state_dir or Path(tempfile.gettempdir()) / f"edgeloop-ultralytics-{os.getuid()}"
+        for key, value in offline_environment(state).items():
+            os.environ.setdefault(key, value)  # an operator's own setting wins
         try:
             from ultralytics import YOLO
         except ImportError as err:

@@ -4,7 +4,7 @@ benchmarks and the tests share.
 Fine-tuning from a pretrained checkpoint is the default everywhere (the offline stand-in for
 ultralytics' ``yolov8n.pt`` is ``../shared/models/yolov8n_coco_dequant.pt``): from scratch,
 small label budgets learn nothing. ``ultralytics`` is imported lazily, after
-:func:`flows.training.offline.offline_environment` is in force.
+:func:`edgeloop.offline.offline_environment` is in force.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.training.offline import offline_environment
+from edgeloop.offline import offline_environment
 
 logger = logging.getLogger(__name__)
 
