@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.fiftyone_db", "tests.fixtures.ultralytics_offline"]
+pytest_plugins = [
+    "tests.fixtures.mosquitto",
+    "tests.fixtures.fiftyone_db",
+    "tests.fixtures.ultralytics_offline",
+    "tests.fixtures.small_volume",
+]

@@ -4,6 +4,7 @@ on loopback, the real ONNX Runtime detector on COCO images, the real outbox on d
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -185,16 +186,22 @@ def _frames(images: list[np.ndarray]) -> list[Frame]:
     return [Frame(image=im, source_id="cam", index=i, capture_time=1000.0 + i) for i, im in enumerate(images)]
 
 
+def _random_images(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (120, 160, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _capped_agent(tmp_path: Path, max_frames: int, **extra) -> Agent:
+    """The scripted detector, no random share, an outbox capped at ``max_frames``."""
+    outbox = {"path": str(tmp_path / "ob.sqlite3"), "max_frames": max_frames}
+    cfg = _config(tmp_path, triggers={"random": {"enabled": False}}, outbox=outbox, **extra)
+    return Agent(cfg, detector=ScriptedDetector())
+
+
 def test_eviction_and_dedup_as_configured(tmp_path):
-    rng = np.random.default_rng(0)
-    distinct = [rng.integers(0, 255, (120, 160, 3), dtype=np.uint8) for _ in range(8)]
-    cfg = _config(
-        tmp_path,
-        triggers={"random": {"enabled": False}},
-        outbox={"path": str(tmp_path / "ob.sqlite3"), "max_frames": 3},
-        budget={"dedup": {"enabled": True, "window_s": 60}},
-    )
-    agent = Agent(cfg, detector=ScriptedDetector())
+    distinct = _random_images(8, seed=0)
+    agent = _capped_agent(tmp_path, 3, budget={"dedup": {"enabled": True, "window_s": 60}})
+    cfg = agent.config
     try:
         counters = agent.run(_frames(distinct))
         assert counters["frames_kept"] == 8 and counters["frames_deduplicated"] == 0
@@ -226,6 +233,29 @@ def test_eviction_and_dedup_as_configured(tmp_path):
         assert counters["frames_deduplicated"] == 4 and counters["frames_enqueued"] == 1
     finally:
         agent.close()
+
+
+def test_every_eviction_leaves_a_log_line_that_accounts_for_the_counter(tmp_path, caplog):
+    """Finding 9: frames evicted on arrival (276 of 330 in one run) were counted but never logged.
+    Now each kept frame leaves either "enqueued frame <id>" or "evicted frame <id> ... on arrival",
+    each held frame evicted later leaves "evicted frame <id>", and the counts agree."""
+    caplog.set_level(logging.INFO)
+    agent = _capped_agent(tmp_path, 3)
+    try:
+        counters = agent.run(_frames(_random_images(20, seed=1)))
+        held = agent.outbox.ids()
+    finally:
+        agent.close()
+    lines = [r.getMessage() for r in caplog.records]
+    enqueued = {m.split()[2] for m in lines if m.startswith("enqueued frame ")}
+    evicted = [m for m in lines if m.startswith("evicted frame ")]
+    on_arrival = {m.split()[2] for m in evicted if "on arrival" in m}
+    later = {m.split()[2] for m in evicted if "on arrival" not in m}
+    assert len(evicted) == counters["frames_evicted"] > 0
+    assert on_arrival, "the scripted scores were meant to evict some frames on arrival"
+    assert len(enqueued) + len(on_arrival) == counters["frames_kept"] == 20
+    assert not on_arrival & enqueued and later <= enqueued
+    assert held == enqueued - later
 
 
 def test_metrics_endpoint_reports_counters(tmp_path):
