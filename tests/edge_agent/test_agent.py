@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +30,7 @@ from edge_agent.triggers import UncertaintyScorer
 from edge_agent.uploader import UploadConfig, Uploader
 from edgeloop.convert import parse_frame, serialize_frame
 from edgeloop.domain import Frame, FrameRecord
+from edgeloop.v1 import frames_pb2
 from tests.fakes.detectors import ScriptedDetector
 from tests.fakes.receivers import GrpcTestReceiver, MqttTestReceiver
 
@@ -133,6 +135,59 @@ def test_mqtt_frames_stay_until_the_receiver_acks(tmp_path, mosquitto_broker):
         receiver.start()
         try:
             assert agent.uploader.drain(timeout=30)
+            assert receiver.frames == stored
+        finally:
+            receiver.stop()
+    finally:
+        agent.close()
+
+
+def test_mqtt_connection_loss_fails_the_batch_in_flight_and_it_goes_again_after_reconnecting(
+    tmp_path, mosquitto_factory
+):
+    """Finding 10 through the agent: its uploader's batch waits for the receiver's acks (deadline
+    120 s) when the broker goes away. The round fails at once, counted and reported, with the
+    frames kept; after the broker and the receiver are back they all arrive."""
+    broker = mosquitto_factory()
+    receiver = MqttTestReceiver("127.0.0.1", broker.port).start()
+    receiver.stop()  # subscribed once: the broker queues frames for it, nobody acks yet
+    transport = {
+        **_mqtt_transport(broker.port),
+        "ack_timeout_s": 120,
+        "reconnect_min_delay_s": 0.1,
+        "reconnect_max_delay_s": 0.3,
+    }
+    agent = Agent(_config(tmp_path, transport), detector=ScriptedDetector())
+    rng = np.random.default_rng(2)
+    try:
+        for frame in _frames([rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(4)]):
+            agent.process(frame, agent.detector.detect(frame.image))
+        stored = {p.frame_id: p.payload for p in agent.outbox.peek(100)}
+        assert len(stored) == 4
+        result: dict[str, float] = {}
+
+        def one_round() -> None:
+            result["delay"] = agent.uploader.step()
+            result["done"] = time.monotonic()
+
+        uploading = threading.Thread(target=one_round)
+        agent.transport.heartbeat(frames_pb2.DeviceStatus(device_id="cam-test"))  # connected before the batch
+        uploading.start()
+        time.sleep(0.5)  # the batch is with the broker; the uploader waits for the receiver's acks
+        assert uploading.is_alive()
+        lost_at = time.monotonic()
+        broker.stop()
+        uploading.join(30)
+        assert not uploading.is_alive()
+        assert result["done"] - lost_at < 10, "the round waited for its ack deadline"
+        assert agent.metrics.snapshot()["upload_errors"] == 1
+        assert "connection lost" in agent.uploader.last_error
+        assert agent.outbox.depth == 4  # nothing left the outbox without an ack
+
+        broker.start()
+        receiver.start()
+        try:
+            assert agent.uploader.drain(timeout=30), "the frames did not go again after reconnecting"
             assert receiver.frames == stored
         finally:
             receiver.stop()
