@@ -30,7 +30,7 @@ from edge_agent.detectors import Detector, DetectorError, create_detector
 from edge_agent.detectors.base import DetectorOutput
 from edge_agent.encoding import encode_frame
 from edge_agent.metrics import AgentMetrics
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, OutboxFull
 from edge_agent.sources import open_source
 from edge_agent.transports import Transport, create_transport
 from edge_agent.triggers import UncertaintyScorer, Verdict
@@ -136,6 +136,7 @@ class Agent:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_size)
         self._seq_next = 0
         self._seq_end = 0
+        self._seq_error: OutboxFull | None = None  # why no sequence numbers could be reserved
         self._worker_error: BaseException | None = None
 
     # -- the model -------------------------------------------------------------------------
@@ -287,6 +288,10 @@ class Agent:
         if self.dedup.is_duplicate(frame.source_id, frame.image, detections, frame.capture_time):
             self.metrics.inc("frames_deduplicated")
             return verdict
+        if seq is None:  # the disk is too full even to reserve sequence numbers
+            assert self._seq_error is not None
+            self.outbox.note_full(self._seq_error)
+            return self._drop_disk_full(verdict)
         budget = self.config.budget
         enc = encode_frame(frame.image, detections, quality=budget.jpeg_quality, max_side=budget.max_side)
         record = FrameRecord(
@@ -306,7 +311,10 @@ class Agent:
             class_names=class_names,
             embedding=output.embedding,
         )
-        result = self.outbox.put(record.frame_id, serialize_frame(record), verdict.score)
+        try:
+            result = self.outbox.put(record.frame_id, serialize_frame(record), verdict.score)
+        except OutboxFull:  # the outbox logs it: at once, then a summary a minute, and when room is back
+            return self._drop_disk_full(verdict)
         self.metrics.inc("frames_evicted", len(result.evicted))
         if result.stored:
             self.metrics.inc("frames_enqueued")
@@ -320,9 +328,21 @@ class Agent:
             )
         return verdict
 
-    def _next_sequence(self) -> int:
+    def _drop_disk_full(self, verdict: Verdict) -> Verdict:
+        """A kept frame the outbox's volume has no room for: counted, not stored; the agent goes on
+        reading, scoring and uploading, and enqueues again once there is room."""
+        self.metrics.inc("frames_dropped_disk_full")
+        return verdict
+
+    def _next_sequence(self) -> int | None:
+        """The next frame sequence number; None while the disk is too full to reserve a block (no
+        frame can be enqueued then anyway, and a number not reserved durably could repeat)."""
         if self._seq_next >= self._seq_end:
-            self._seq_next = self.outbox.reserve_sequence(SEQUENCE_BLOCK)
+            try:
+                self._seq_next = self.outbox.reserve_sequence(SEQUENCE_BLOCK)
+            except OutboxFull as err:
+                self._seq_error = err
+                return None
             self._seq_end = self._seq_next + SEQUENCE_BLOCK
         seq = self._seq_next
         self._seq_next += 1
@@ -338,6 +358,7 @@ class Agent:
             outbox_bytes=self.outbox.size_bytes,
             counters=self.metrics.snapshot(),
             last_error=(self.updater.last_error if self.updater else "")
+            or self.outbox.full_reason
             or (self.uploader.last_error if self.uploader else ""),
             channel=self.config.update.channel if self.updater else "",
             agent_version=__version__,

@@ -25,6 +25,9 @@ COUNTERS = {
     "frames_enqueued": "Frames durably written to the outbox.",
     "frames_uploaded": "Frames the receiver acknowledged as stored.",
     "frames_evicted": "Frames evicted from a full outbox (lowest score first).",
+    "frames_dropped_disk_full": (
+        "Kept frames not enqueued because the outbox's volume had no room (outbox.min_free_bytes, or a full disk)."
+    ),
     "frames_rejected": "Frames the receiver refused for good (kept in the dead-letter table).",
     "upload_errors": "Upload attempts that failed (receiver unreachable, timeouts).",
 }
@@ -57,6 +60,9 @@ class AgentMetrics:
             "edgeloop_agent_outbox_depth", "Frames waiting in the outbox.", registry=self.registry
         )
         self.outbox_bytes = Gauge("edgeloop_agent_outbox_bytes", "Bytes waiting in the outbox.", registry=self.registry)
+        self.outbox_free_bytes = Gauge(
+            "edgeloop_agent_outbox_free_bytes", "Free bytes on the outbox's volume.", registry=self.registry
+        )
         self._fps_window_start = time.monotonic()
         self._fps_window_count = 0
         self.server_port: int | None = None

@@ -5,6 +5,8 @@ upload budget, sends them, and removes from the outbox exactly those the receive
 as durably stored (or as already stored). Frames the receiver rejects for good go to the
 outbox's dead-letter table. On a transport failure it backs off exponentially (with jitter, so a
 fleet does not reconnect in lock-step) and tries again; the frames never leave the disk meanwhile.
+On a full disk it keeps uploading: acknowledged frames the outbox could not remove yet are not
+sent again, and each round retries their removal (:meth:`Outbox.retry_removals`).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class Uploader:
     def step(self) -> float:
         """One upload round; returns how long to wait before the next."""
         self.maybe_heartbeat()
+        self.outbox.retry_removals()
         self._publish_gauges()
         pending = self.outbox.peek(self._batch_limit)
         if not pending:
@@ -158,6 +161,7 @@ class Uploader:
     def _publish_gauges(self) -> None:
         self.metrics.outbox_depth.set(self.outbox.depth)
         self.metrics.outbox_bytes.set(self.outbox.size_bytes)
+        self.metrics.outbox_free_bytes.set(self.outbox.free_bytes())
 
     def drain(self, timeout: float) -> bool:
         """Upload in the caller's thread until the outbox is empty or ``timeout`` passes."""

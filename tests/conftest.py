@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.fixtures.fiftyone_db",
     "tests.fixtures.ultralytics_offline",
     "tests.fixtures.synth_model",
+    "tests.fixtures.small_volume",
 ]

@@ -69,3 +69,17 @@ def test_timeout_and_failure():
     problem = waiter.wait([("a", Info(1, error=RuntimeError("message dropped")))], 0.5)
     assert (problem.kind, problem.detail) == ("failed", "message dropped")
     waiter.wait_or_raise([("a", Info(1))], Broker(), RuntimeError, str)  # no problem: no raise
+
+
+def test_a_lost_connection_ends_the_wait_at_once():
+    waiter = PubackWaiter()
+    checks = []
+
+    def lost() -> str | None:
+        checks.append(1)
+        return "connection lost: broker going down" if len(checks) >= 3 else None
+
+    problem = waiter.wait([("a", Info(1)), ("b", Info(2, published=False))], 60.0, lost)
+    assert (problem.label, problem.kind, problem.detail) == ("b", "lost", "connection lost: broker going down")
+    assert "lost before it acknowledged the publish of b" in problem.message("the publish of b", "h:1", None)
+    assert waiter.wait([("a", Info(1))], 60.0, lambda: "gone") is None  # acknowledged already: no problem

@@ -18,6 +18,11 @@ waits up to ``ack_timeout_s`` for the acks of its own batch, then returns *every
 far, including late acks for frames of earlier sends (or of an earlier run of the agent). That is
 what the caller wants: any durable ack is final for its frame, whenever it comes.
 
+A lost connection fails the send in flight at once (:class:`TransportError`), whether it was
+waiting for the broker's PUBACKs or for the receiver's acks: waiting out the deadline would only
+delay the retry, which goes out once paho has reconnected. Acks collected before the loss are kept
+and returned by the next send.
+
 Duplicates: if the connection drops between a publish and its PUBACK, paho redelivers the message
 itself after reconnecting, and the caller sends the frame again too; receivers are idempotent by
 frame id, so this costs bandwidth, never correctness. Publishing only while connected keeps paho's
@@ -128,6 +133,7 @@ class MqttTransport(Transport):
         self._acks: dict[str, Ack] = {}
         self._pubacks = PubackWaiter()
         self._connected = False  # CONNACK accepted
+        self._connection = 0  # counts lost connections: a send fails if it changes under it
         self._ready = False  # connected and subscribed to the ack topic
         self._sub_mid: int | None = None
         self._last_error = ""
@@ -163,9 +169,9 @@ class MqttTransport(Transport):
     def send(self, payloads: Sequence[tuple[str, bytes]]) -> list[Ack]:
         if not payloads:
             return []
-        self._ensure_connected()
+        connection = self._ensure_connected()
         infos = [(frame_id, self._publish(self.frames_topic, payload)) for frame_id, payload in payloads]
-        self._wait_pubacks(self.frames_topic, infos)
+        self._wait_pubacks(self.frames_topic, infos, connection)
 
         wanted = {frame_id for frame_id, _ in payloads}
         deadline = time.monotonic() + self.config.ack_timeout_s
@@ -174,6 +180,13 @@ class MqttTransport(Transport):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                if self._connection != connection:
+                    # The acks collected so far stay in self._acks for the next send.
+                    missing = len(wanted.difference(self._acks))
+                    raise TransportError(
+                        f"MQTT {self._last_error or 'connection lost'} while {missing} of {len(wanted)} frame(s) "
+                        "awaited the receiver's ack; they stay pending and go again after reconnecting"
+                    )
                 self._cond.wait(remaining)
             acks = list(self._acks.values())
             self._acks.clear()
@@ -188,9 +201,9 @@ class MqttTransport(Transport):
         return acks
 
     def heartbeat(self, status: frames_pb2.DeviceStatus) -> None:
-        self._ensure_connected()
+        connection = self._ensure_connected()
         info = self._publish(self.status_topic, status.SerializeToString(deterministic=True))
-        self._wait_pubacks(self.status_topic, [("heartbeat", info)])
+        self._wait_pubacks(self.status_topic, [("heartbeat", info)], connection)
 
     def close(self) -> None:
         """Disconnect cleanly; the broker keeps the session and queues acks until the next connect."""
@@ -204,14 +217,15 @@ class MqttTransport(Transport):
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _ensure_connected(self) -> None:
+    def _ensure_connected(self) -> int:
+        """Wait until connected and subscribed; returns the connection's number (see ``_lost_since``)."""
         cfg = self.config
         where = f"MQTT broker {cfg.host}:{cfg.port}"
         with self._cond:
             if self._closed:
                 raise TransportError(f"MQTT transport to {cfg.host}:{cfg.port} is closed")
             if self._ready:
-                return
+                return self._connection
             started = self._started
         if not started:
             # The first connection is synchronous so an unreachable broker, a refused TLS
@@ -239,6 +253,7 @@ class MqttTransport(Transport):
                     detail = f": {self._last_error}" if self._last_error else ""
                     raise TransportError(f"not connected to {where} within {cfg.connect_timeout_s:g} s{detail}")
                 self._cond.wait(remaining)
+            return self._connection
 
     def _publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
         info = self._client.publish(topic, payload, qos=1)
@@ -248,8 +263,21 @@ class MqttTransport(Transport):
             raise TransportError(f"MQTT publish to {topic} failed: {mqtt.error_string(info.rc)}")
         return info
 
-    def _wait_pubacks(self, topic: str, infos: list[tuple[str, mqtt.MQTTMessageInfo]]) -> None:
-        self._pubacks.wait_or_raise(infos, self.config, TransportError, lambda fid: f"the publish of {fid} to {topic}")
+    def _wait_pubacks(self, topic: str, infos: list[tuple[str, mqtt.MQTTMessageInfo]], connection: int) -> None:
+        self._pubacks.wait_or_raise(
+            infos,
+            self.config,
+            TransportError,
+            lambda fid: f"the publish of {fid} to {topic}",
+            lost=lambda: self._lost_since(connection),
+        )
+
+    def _lost_since(self, connection: int) -> str | None:
+        """Why the connection counted ``connection`` is gone, or None while it is the current one."""
+        with self._cond:
+            if self._connection == connection:
+                return None
+            return self._last_error or "connection lost"
 
     # -- paho callbacks (network thread) ------------------------------------------------------
 
@@ -298,6 +326,7 @@ class MqttTransport(Transport):
             was_connected = self._connected and not self._closed
             if was_connected:
                 self._last_error = f"connection lost: {reason_code}"
+                self._connection += 1
             self._connected = self._ready = False
             self._cond.notify_all()
         if was_connected:

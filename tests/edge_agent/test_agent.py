@@ -4,11 +4,13 @@ on loopback, the real ONNX Runtime detector on COCO images, the real outbox on d
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +30,7 @@ from edge_agent.triggers import UncertaintyScorer
 from edge_agent.uploader import UploadConfig, Uploader
 from edgeloop.convert import parse_frame, serialize_frame
 from edgeloop.domain import Frame, FrameRecord
+from edgeloop.v1 import frames_pb2
 from tests.fakes.detectors import ScriptedDetector
 from tests.fakes.receivers import GrpcTestReceiver, MqttTestReceiver
 
@@ -139,6 +142,59 @@ def test_mqtt_frames_stay_until_the_receiver_acks(tmp_path, mosquitto_broker):
         agent.close()
 
 
+def test_mqtt_connection_loss_fails_the_batch_in_flight_and_it_goes_again_after_reconnecting(
+    tmp_path, mosquitto_factory
+):
+    """Finding 10 through the agent: its uploader's batch waits for the receiver's acks (deadline
+    120 s) when the broker goes away. The round fails at once, counted and reported, with the
+    frames kept; after the broker and the receiver are back they all arrive."""
+    broker = mosquitto_factory()
+    receiver = MqttTestReceiver("127.0.0.1", broker.port).start()
+    receiver.stop()  # subscribed once: the broker queues frames for it, nobody acks yet
+    transport = {
+        **_mqtt_transport(broker.port),
+        "ack_timeout_s": 120,
+        "reconnect_min_delay_s": 0.1,
+        "reconnect_max_delay_s": 0.3,
+    }
+    agent = Agent(_config(tmp_path, transport), detector=ScriptedDetector())
+    rng = np.random.default_rng(2)
+    try:
+        for frame in _frames([rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(4)]):
+            agent.process(frame, agent.detector.detect(frame.image))
+        stored = {p.frame_id: p.payload for p in agent.outbox.peek(100)}
+        assert len(stored) == 4
+        result: dict[str, float] = {}
+
+        def one_round() -> None:
+            result["delay"] = agent.uploader.step()
+            result["done"] = time.monotonic()
+
+        uploading = threading.Thread(target=one_round)
+        agent.transport.heartbeat(frames_pb2.DeviceStatus(device_id="cam-test"))  # connected before the batch
+        uploading.start()
+        time.sleep(0.5)  # the batch is with the broker; the uploader waits for the receiver's acks
+        assert uploading.is_alive()
+        lost_at = time.monotonic()
+        broker.stop()
+        uploading.join(30)
+        assert not uploading.is_alive()
+        assert result["done"] - lost_at < 10, "the round waited for its ack deadline"
+        assert agent.metrics.snapshot()["upload_errors"] == 1
+        assert "connection lost" in agent.uploader.last_error
+        assert agent.outbox.depth == 4  # nothing left the outbox without an ack
+
+        broker.start()
+        receiver.start()
+        try:
+            assert agent.uploader.drain(timeout=30), "the frames did not go again after reconnecting"
+            assert receiver.frames == stored
+        finally:
+            receiver.stop()
+    finally:
+        agent.close()
+
+
 def _seed_outbox(outbox: Outbox, scores: list[float]) -> None:
     for i, s in enumerate(scores):
         rec = FrameRecord(
@@ -185,16 +241,22 @@ def _frames(images: list[np.ndarray]) -> list[Frame]:
     return [Frame(image=im, source_id="cam", index=i, capture_time=1000.0 + i) for i, im in enumerate(images)]
 
 
+def _random_images(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (120, 160, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _capped_agent(tmp_path: Path, max_frames: int, **extra) -> Agent:
+    """The scripted detector, no random share, an outbox capped at ``max_frames``."""
+    outbox = {"path": str(tmp_path / "ob.sqlite3"), "max_frames": max_frames}
+    cfg = _config(tmp_path, triggers={"random": {"enabled": False}}, outbox=outbox, **extra)
+    return Agent(cfg, detector=ScriptedDetector())
+
+
 def test_eviction_and_dedup_as_configured(tmp_path):
-    rng = np.random.default_rng(0)
-    distinct = [rng.integers(0, 255, (120, 160, 3), dtype=np.uint8) for _ in range(8)]
-    cfg = _config(
-        tmp_path,
-        triggers={"random": {"enabled": False}},
-        outbox={"path": str(tmp_path / "ob.sqlite3"), "max_frames": 3},
-        budget={"dedup": {"enabled": True, "window_s": 60}},
-    )
-    agent = Agent(cfg, detector=ScriptedDetector())
+    distinct = _random_images(8, seed=0)
+    agent = _capped_agent(tmp_path, 3, budget={"dedup": {"enabled": True, "window_s": 60}})
+    cfg = agent.config
     try:
         counters = agent.run(_frames(distinct))
         assert counters["frames_kept"] == 8 and counters["frames_deduplicated"] == 0
@@ -226,6 +288,29 @@ def test_eviction_and_dedup_as_configured(tmp_path):
         assert counters["frames_deduplicated"] == 4 and counters["frames_enqueued"] == 1
     finally:
         agent.close()
+
+
+def test_every_eviction_leaves_a_log_line_that_accounts_for_the_counter(tmp_path, caplog):
+    """Finding 9: frames evicted on arrival (276 of 330 in one run) were counted but never logged.
+    Now each kept frame leaves either "enqueued frame <id>" or "evicted frame <id> ... on arrival",
+    each held frame evicted later leaves "evicted frame <id>", and the counts agree."""
+    caplog.set_level(logging.INFO)
+    agent = _capped_agent(tmp_path, 3)
+    try:
+        counters = agent.run(_frames(_random_images(20, seed=1)))
+        held = agent.outbox.ids()
+    finally:
+        agent.close()
+    lines = [r.getMessage() for r in caplog.records]
+    enqueued = {m.split()[2] for m in lines if m.startswith("enqueued frame ")}
+    evicted = [m for m in lines if m.startswith("evicted frame ")]
+    on_arrival = {m.split()[2] for m in evicted if "on arrival" in m}
+    later = {m.split()[2] for m in evicted if "on arrival" not in m}
+    assert len(evicted) == counters["frames_evicted"] > 0
+    assert on_arrival, "the scripted scores were meant to evict some frames on arrival"
+    assert len(enqueued) + len(on_arrival) == counters["frames_kept"] == 20
+    assert not on_arrival & enqueued and later <= enqueued
+    assert held == enqueued - later
 
 
 def test_metrics_endpoint_reports_counters(tmp_path):

@@ -15,14 +15,7 @@ from edge_agent.budget import (
     dhash,
 )
 from edgeloop.domain import Detection
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.fakes.clock import FakeClock
 
 
 def test_frame_budget_caps_and_refills():

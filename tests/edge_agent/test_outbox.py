@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from edge_agent.outbox import Outbox, OutboxConfig
+from edge_agent.outbox import WAL_CHECKPOINT_BYTES, Outbox, OutboxConfig, OutboxFull
 
 
 @pytest.fixture
@@ -109,3 +112,92 @@ def test_put_survives_kill_9(tmp_path):
     with Outbox(OutboxConfig(path=db)) as ob:
         assert set(reported) <= ob.ids()
         assert len(reported) >= 200
+
+
+# -- a full disk, the write-ahead log, evictions in the log (issue 9) --------------------------------
+
+
+def test_a_full_database_raises_outbox_full_with_sqlites_own_error(tmp_path, caplog):
+    """SQLite rolls a transaction back by itself when the disk is full; the outbox's ROLLBACK then
+    failed with "cannot rollback - no transaction is active", which hid the real error and killed
+    the agent. SQLite's page limit gives the same SQLITE_FULL as a full disk."""
+    with Outbox(OutboxConfig(path=tmp_path / "ob.sqlite3", min_free_bytes=0)) as ob:
+        ob.put("a", b"x" * 1000, 0.5)
+        pages = ob._db.execute("PRAGMA page_count").fetchone()[0]
+        ob._db.execute(f"PRAGMA max_page_count={pages + 5}")  # room for a few pages, not for 200 kB
+        with pytest.raises(OutboxFull) as info:
+            ob.put("b", b"y" * 200_000, 0.9)
+        cause = info.value.__cause__
+        assert isinstance(cause, sqlite3.OperationalError) and "database or disk is full" in str(cause)
+        assert "cannot rollback" not in str(cause.__context__)
+        assert ob.ids() == {"a"} and ob.depth == 1 and ob.size_bytes == 1000
+        assert "not enqueueing new frames" in caplog.text and "disk is full" in ob.full_reason
+
+        ob._db.execute("PRAGMA max_page_count=1073741823")
+        assert ob.put("b", b"y" * 200_000, 0.9).stored
+        assert ob.full_reason == "" and "enqueueing resumed" in caplog.text
+
+
+def test_the_free_space_reserve_stops_puts_without_evicting_and_lifts_by_itself(tmp_path, caplog):
+    cfg = OutboxConfig(path=tmp_path / "ob.sqlite3", min_free_bytes=0)
+    with Outbox(cfg) as ob:
+        ob.put("a", b"x" * 1000, 0.1)
+        ob.config.min_free_bytes = ob.free_bytes() + 1  # more than the volume will ever have
+        for i in range(20):
+            with pytest.raises(OutboxFull, match="min_free_bytes"):
+                ob.put(f"n{i}", b"y" * 1000, 0.9)  # a better frame, yet nothing is evicted for it
+        assert ob.ids() == {"a"} and ob.counter("evicted") == 0
+        warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+        assert sum("not enqueueing new frames" in m for m in warnings) == 1, warnings  # not one per frame
+
+        ob.config.min_free_bytes = 0
+        assert ob.put("n", b"y" * 1000, 0.9).stored
+        assert "20 frame(s) were not enqueued" in caplog.text
+
+
+def test_the_write_ahead_log_stays_bounded(tmp_path):
+    """SQLite's default checkpoint (every 1,000 pages, about 4 MB) and a log never cut back let it
+    take 4.1 MB of a 5 MB volume."""
+    path = tmp_path / "ob.sqlite3"
+    wal = tmp_path / "ob.sqlite3-wal"
+    biggest = 0
+    with Outbox(OutboxConfig(path=path, max_frames=20, min_free_bytes=0)) as ob:
+        for i in range(120):
+            ob.put(f"f{i}", os.urandom(100_000), (i % 7) / 7)
+            biggest = max(biggest, wal.stat().st_size)
+            if i % 10 == 9:
+                ob.ack([p.frame_id for p in ob.peek(5)])
+    assert biggest <= WAL_CHECKPOINT_BYTES + 2 * 100_000, biggest
+
+
+def test_removing_a_frame_does_not_write_its_payload_again(tmp_path):
+    """Builds with SECURE_DELETE (Debian's) zeroed every freed page, so an ack rewrote the frame
+    through the log: a removal needed as much free disk as the frame had taken."""
+    path = tmp_path / "ob.sqlite3"
+    with Outbox(OutboxConfig(path=path, min_free_bytes=0)) as ob:
+        for i in range(8):
+            ob.put(f"f{i}", os.urandom(100_000), 0.5)
+        ob._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # an empty log, to measure the ack alone
+        assert ob.ack([f"f{i}" for i in range(8)]) == 8
+        written = (tmp_path / "ob.sqlite3-wal").stat().st_size
+    assert written < 100_000, f"removing 800 kB of frames wrote {written} bytes of log"
+
+
+def test_every_eviction_is_logged_and_the_lines_add_up_to_the_counter(tmp_path, caplog):
+    """Frames evicted on arrival used to leave no line naming them."""
+    caplog.set_level(logging.INFO, logger="edge_agent.outbox")
+    with Outbox(OutboxConfig(path=tmp_path / "ob.sqlite3", max_frames=3, min_free_bytes=0)) as ob:
+        scores = [0.5, 0.6, 0.7, 0.1, 0.2, 0.9, 0.05, 0.8, 0.3]
+        for i, score in enumerate(scores):
+            ob.put(f"f{i}", b"x" * 100, score)
+        evicted = ob.counter("evicted")
+    lines = [r.getMessage() for r in caplog.records]
+    per_frame = [m for m in lines if m.startswith("evicted frame ")]
+    assert len(per_frame) == evicted == 6
+    on_arrival = {m.split()[2] for m in per_frame if "on arrival" in m}
+    assert on_arrival == {"f3", "f4", "f6", "f8"}  # each lower than every frame held when it came
+    summaries = [re.search(r"evicted (\d+) lowest-scoring frame\(s\) since the last report, (\d+)", m) for m in lines]
+    summaries = [m for m in summaries if m]
+    assert len(summaries) == 2  # the first at once, the rest at close: not one per frame
+    assert sum(int(m.group(1)) for m in summaries) == evicted
+    assert sum(int(m.group(2)) for m in summaries) == len(on_arrival)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -520,6 +521,49 @@ def test_mqtt_acks_published_while_the_agent_is_offline_arrive_after_reconnect(m
         # The late ack of the earlier run comes back with this send's own.
         assert acks == {early[0]: AckStatus.STORED, later[0]: AckStatus.STORED}
         assert receiver.frames[early[0]] == early[1]
+    finally:
+        agent.close()
+        receiver.stop(timeout=1.0)
+
+
+@pytest.mark.parametrize("protocol", ["mqttv5", "mqttv311"])
+def test_mqtt_connection_lost_fails_the_batch_in_flight_at_once(mosquitto_factory, protocol) -> None:
+    """Finding 10: a batch waiting for the receiver's acks when the connection dropped waited out its
+    whole ack deadline although paho had seen the loss. Now the send fails as soon as the loss is
+    seen, and the same frames go through once the broker is back."""
+    broker = mosquitto_factory()
+    receiver = MqttTestReceiver(broker.host, broker.port).start()
+    receiver.stop()  # its session queues the frames at the broker; no ack comes meanwhile
+    settings = {**_mqtt_test_settings(broker.port, protocol), "ack_timeout_s": 120.0, "publish_timeout_s": 120.0}
+    agent = MqttTransport(MqttTransportConfig(**settings), DEVICE)
+    payloads = [frame(0), frame(1)]
+    outcome: dict[str, object] = {}
+
+    def send() -> None:
+        try:
+            outcome["acks"] = agent.send(payloads)
+        except TransportError as err:
+            outcome["error"] = str(err)
+        outcome["done"] = time.monotonic()
+
+    sender = threading.Thread(target=send)
+    try:
+        agent.heartbeat(frames_pb2.DeviceStatus(device_id=DEVICE))  # connected before the batch goes
+        sender.start()
+        time.sleep(0.5)  # published and PUBACKed on loopback by now; the send waits for acks
+        assert sender.is_alive()
+        lost_at = time.monotonic()
+        broker.stop()
+        sender.join(30)
+        assert not sender.is_alive()
+        assert "connection lost" in str(outcome.get("error")), outcome
+        assert outcome["done"] - lost_at < FAIL_FAST_S  # not the 120 s ack deadline
+
+        broker.start()
+        receiver.start()
+        got = send_until_acked(agent, payloads, timeout=15.0)
+        assert set(got) == {fid for fid, _ in payloads}
+        assert {fid: receiver.frames[fid] for fid, _ in payloads} == dict(payloads)
     finally:
         agent.close()
         receiver.stop(timeout=1.0)
