@@ -42,11 +42,14 @@ def run(
     except ConfigError as err:
         raise _fail(f"{err}\n(fix the file, or print the schema: edgeloop agent config-schema)") from err
     from edge_agent.app import Agent
+    from edge_agent.outbox import OutboxError
 
     try:
         agent = Agent(cfg)
     except DetectorError as err:
         raise _fail(f"cannot load the detector: {err}") from err
+    except OutboxError as err:
+        raise _fail(f"{err} (free space on that volume, or point outbox.path elsewhere)") from err
 
     def _on_signal(signum: int, _frame: Any) -> None:
         logger.info("signal %d: stopping (frames in the outbox stay there)", signum)
@@ -56,11 +59,28 @@ def run(
     signal.signal(signal.SIGINT, _on_signal)
     try:
         counters = agent.run()
+        waiting = agent.outbox.depth
     except SourceError as err:
         raise _fail(str(err)) from err
     finally:
         agent.close()
     logger.info("agent finished: %s", json.dumps(counters, sort_keys=True))
+    if waiting and cfg.transport is not None:
+        # A finite source ended before the outbox drained (receiver down, or too slow): say so, or
+        # the user reads "finished" and thinks the frames arrived.
+        logger.warning(
+            "%d kept frame(s) were not uploaded (%d upload error(s)); they wait in the outbox %s and go out "
+            "the next time the agent runs and reaches %s",
+            waiting,
+            counters.get("upload_errors", 0),
+            cfg.outbox.path,
+            _describe(cfg.transport),
+        )
+
+
+def _describe(transport: Any) -> str:
+    target = getattr(transport, "target", None)
+    return target if target else f"{getattr(transport, 'host', '?')}:{getattr(transport, 'port', '?')}"
 
 
 @app.command("score")

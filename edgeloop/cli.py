@@ -56,21 +56,40 @@ def demo(
     serve: Annotated[bool, typer.Option(help="Keep the server and App running until Ctrl-C.")] = False,
 ) -> None:
     """Run the loop on this machine: server + FiftyOne + registry + an edge agent on a camera."""
-    from edgeloop.demo import run_demo
+    from edgeloop.demo import DemoInputError, DemoResult, check_inputs, run_demo
 
     setup_logging("WARNING")
-    if not model.is_file():
-        typer.secho(f"error: model {model} not found (pass --model PATH to an ultralytics ONNX export)", err=True)
-        raise typer.Exit(2)
-    result = run_demo(workdir, model, source, limit=limit, app=app_enabled, app_port=app_port, serve=serve)
-    c = result.counters
-    typer.echo(
-        f"camera: {c['frames_read']} frames read, {c['frames_kept']} kept as uncertain, "
-        f"{c['frames_uploaded']} uploaded (model {result.model_version})"
+    try:
+        check_inputs(model, source)  # before anything starts: one line, not a traceback from deep inside
+    except DemoInputError as err:
+        typer.secho(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+    def report(result: DemoResult) -> None:
+        c = result.counters
+        typer.echo(
+            f"camera: {c['frames_read']} frames read, {c['frames_kept']} kept as uncertain, "
+            f"{c['frames_uploaded']} uploaded (model {result.model_version})"
+        )
+        fresh = f" (a fresh inbox: the previous run's {result.replaced_samples} were removed)"
+        typer.echo(
+            f"inbox: {result.samples} samples in FiftyOne dataset '{result.dataset}' ({result.workdir})"
+            + (fresh if result.replaced_samples else "")
+        )
+        typer.echo("inspect what the demo made:")
+        typer.echo(f"  edgeloop models list --registry {result.registry}")
+        typer.echo(f"  edgeloop server fleet --config {result.server_config}")
+        if serve:
+            if result.app_url:
+                typer.echo(f"review them, most uncertain first: {result.app_url}")
+            typer.echo("serving (gRPC ingest and registry" + (", the FiftyOne App" if result.app_url else "") + ")")
+            typer.echo("press Ctrl-C to stop")
+
+    result = run_demo(
+        workdir, model, source, limit=limit, app=app_enabled, app_port=app_port, serve=serve, on_ready=report
     )
-    typer.echo(f"inbox: {result.samples} samples in FiftyOne dataset '{result.dataset}' ({result.workdir})")
-    if result.app_url and serve:
-        typer.echo(f"review them at {result.app_url}")
+    if not serve:
+        report(result)
 
 
 _register()

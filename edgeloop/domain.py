@@ -36,6 +36,21 @@ class Detection:
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
 
+#: The trigger names an agent puts in ``Reason.trigger`` (``edge_agent.triggers.Trigger``), in the
+#: order it runs them; the server makes a saved view of the inbox for each.
+TRIGGER_NAMES = (
+    "confidence_band",
+    "margin",
+    "entropy",
+    "weak_evidence",
+    "image_novelty",
+    "novelty",
+    "flicker",
+    "count_jump",
+    "random",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Reason:
     """Why a frame was kept: the trigger that fired, its score in [0, 1] and a readable detail."""

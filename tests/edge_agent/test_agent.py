@@ -24,7 +24,7 @@ from edge_agent.app import Agent
 from edge_agent.budget import UploadBudget
 from edge_agent.config import AgentConfig, load_agent_config
 from edge_agent.metrics import AgentMetrics
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, OutboxConfig
 from edge_agent.transports import create_transport
 from edge_agent.triggers import UncertaintyScorer
 from edge_agent.uploader import UploadConfig, Uploader
@@ -372,6 +372,36 @@ def test_bad_config_gives_a_clear_cli_error(tmp_path):
     assert res.returncode == 2
     assert "detectr" in res.stderr and "config-schema" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@needs_shared
+def test_a_finite_run_whose_uploads_all_failed_says_where_the_frames_wait(tmp_path):
+    cfg = tmp_path / "edge.yaml"
+    outbox = tmp_path / "outbox" / "outbox.sqlite3"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "device_id": "cam-x",
+                "source": {"uri": str(COCO_VAL)},
+                "detector": {"type": "onnxruntime", "model": str(MODEL)},
+                "triggers": KEEP_ALL,
+                "outbox": {"path": str(outbox)},
+                "transport": {"type": "grpc", "target": f"127.0.0.1:{_free_port()}", "connect_timeout_s": 0.2},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeloop.cli", "agent", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    warning = [ln for ln in res.stderr.splitlines() if "WARNING" in ln and "were not uploaded" in ln]
+    assert len(warning) == 1, res.stderr
+    assert "4 kept frame(s)" in warning[0] and str(outbox) in warning[0]
+    assert Outbox(OutboxConfig(path=outbox)).depth == 4  # and they are there
 
 
 def test_config_env_overrides_and_relative_paths(tmp_path):

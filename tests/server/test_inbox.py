@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -261,3 +262,35 @@ def test_mongod_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
     manager = MongoManager(MongoConfig(db_dir=tmp_path / "db", mongod_path=fake, start_timeout_s=5))
     with pytest.raises(MongoError, match="(?s)exit code 100.*simulated failure"):
         manager.ensure_running()
+
+
+def test_the_app_opens_on_views_sorted_by_uncertainty_one_per_trigger(inbox: Inbox, tmp_path: Path) -> None:
+    from edgeloop.domain import Reason
+    from server.store.inbox import MOST_UNCERTAIN_VIEW, reason_view_name, review_url
+
+    records = []
+    for uncertainty, trigger in [(0.2, "margin"), (0.9, "weak_evidence"), (0.5, "margin")]:
+        rec = make_record()
+        rec.frame_id = uuid.uuid4().hex
+        rec.uncertainty = uncertainty
+        rec.reasons = [Reason(trigger, uncertainty, "x")]
+        records.append(rec)
+    _stored(inbox, records, tmp_path)
+    ds = inbox.dataset
+    assert ds.load_saved_view(MOST_UNCERTAIN_VIEW).values("uncertainty") == pytest.approx([0.9, 0.5, 0.2])
+    assert ds.load_saved_view(reason_view_name("margin")).values("uncertainty") == pytest.approx([0.5, 0.2])
+    assert len(ds.load_saved_view(reason_view_name("image_novelty"))) == 0  # every trigger has its view
+    assert ds.app_config.active_fields.paths == ["tags", "predictions", "uncertainty"]
+    assert (
+        review_url("http://127.0.0.1:5151/", ds.name) == f"http://127.0.0.1:5151/datasets/{ds.name}?view=most-uncertain"
+    )
+    # a second process opening the dataset keeps one of each
+    assert Inbox(InboxConfig(dataset=ds.name)).dataset.name == ds.name
+    assert sorted(ds.list_saved_views()).count(MOST_UNCERTAIN_VIEW) == 1
+
+
+def test_trigger_names_known_to_the_server_are_the_agents() -> None:
+    from edge_agent.triggers import Trigger
+    from edgeloop.domain import TRIGGER_NAMES
+
+    assert [t.value for t in Trigger] == list(TRIGGER_NAMES)
