@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from edgeloop.convert import parse_frame, serialize_frame  # noqa: E402
+from edgeloop.convert import frame_to_pb, parse_frame, serialize_frame  # noqa: E402
 from edgeloop.domain import AckStatus, Detection, FrameRecord, Reason  # noqa: E402
 from edgeloop.v1 import frames_pb2  # noqa: E402
 
@@ -286,13 +286,16 @@ class Mutator:
         det = Detection((1.0, 1.0, 20.0, 20.0), 1, "car", 0.4, np.array([0.3, 0.4, 0.3], np.float32))
         return dataclasses.replace(rec, detections=[det] * n)
 
-    def bad_number(self, rec: FrameRecord) -> FrameRecord:
+    def bad_number(self, rec: FrameRecord) -> FrameRecord | bytes:
         value = self.rng.choice([math.nan, math.inf, -math.inf, -1.0, 1.5, 1e30])
         what = self.rng.choice(["uncertainty", "confidence", "score", "box", "capture_time", "reason"])
         if what == "uncertainty":
             return dataclasses.replace(rec, uncertainty=value)
-        if what == "capture_time":
-            return dataclasses.replace(rec, capture_time=self.rng.choice([value, 1e13, -5.0]))
+        if what == "capture_time":  # as the wire holds it (a Timestamp): whole seconds and nanos
+            msg = frame_to_pb(rec)
+            msg.capture_time.seconds = self.rng.choice([-5, 10**13, 2**62, -(2**62)])
+            msg.capture_time.nanos = self.rng.choice([0, 999_999_999, 2_000_000_000, -1])
+            return msg.SerializeToString()
         if what == "reason":
             return dataclasses.replace(rec, reasons=[Reason("margin", value, "")])
         if not rec.detections:
@@ -479,15 +482,19 @@ class Fuzzer:
             probe.publish(item.device, item.payload)
         # A valid frame last: its ack comes after those of every message before it (the bridge
         # takes one topic in order and the core answers in order), so nothing is left in flight.
-        sentinel = valid_frame(DEVICES[0])
-        probe.publish(DEVICES[0], sentinel[1])
-        ids = [i.frame_id for i in batch if i.frame_id] + [sentinel[0]]
-        acks = probe.wait_acks(ids, timeout=60.0)
-        if sentinel[0] not in acks:
+        sentinel, payload = valid_frame(DEVICES[0])
+        probe.publish(DEVICES[0], payload)
+        came = probe.acks_until(DEVICES[0], sentinel, timeout=60.0)
+        if came is None:
             raise AssertionError("the server did not answer a valid frame over MQTT within 60 s")
+        # Matched by topic and frame id, in order: copies of one id get their own acks.
+        pending: dict[tuple[str, str], list] = {}
+        for device, ack in came:
+            pending.setdefault((device, ack.frame_id), []).append(ack)
         for item in batch:
-            ack = acks.get(item.frame_id) if item.frame_id else None
-            self.outcomes.append(Outcome(item, "mqtt", _result_of_ack(ack) if ack is not None else "dropped"))
+            acks = pending.get((item.device, item.frame_id)) if item.frame_id else None
+            result = _result_of_ack(acks.pop(0)) if acks else "dropped"
+            self.outcomes.append(Outcome(item, "mqtt", result))
 
 
 def valid_frame(device: str, seeds: dict[str, FrameRecord] | None = None) -> tuple[str, bytes]:

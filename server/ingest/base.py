@@ -11,8 +11,9 @@ malformed / truncated    INVALID_ARGUMENT (stream ends)    log + counter, droppe
 no frame or device id    INVALID_ARGUMENT (stream ends)    log + counter, dropped
 unknown/revoked device   PERMISSION_DENIED (stream ends)   log + counter + REJECTED ack
 device mismatch          PERMISSION_DENIED (stream ends)   log + counter (topic != payload device)
-too many streams of one  UNAVAILABLE before any frame is   (the broker's per-client limits, see
-device, or idle stream   read (the agent retries)          ``server/devices.py``)
+too many streams of one  UNAVAILABLE (stream ends before  (the broker's per-client limits, see
+device                   its first frame; agents retry)    ``server/devices.py``)
+stream idle too long     UNAVAILABLE (stream ends)         (the broker's keepalive)
 image does not decode    FrameAck REJECTED, stream goes on log + counter + REJECTED ack
 boxes outside image      FrameAck REJECTED                 same
 unknown class            FrameAck REJECTED                 same
@@ -28,7 +29,8 @@ storage unavailable      FrameAck RETRY                    RETRY ack (the agent 
 frame at all); per-frame problems are answered per frame so one bad frame does not hold back
 the good ones queued behind it. Nothing is written for a frame refused by validation:
 validation happens before any byte reaches the media store or the database. The last two
-per-frame refusals come after the image was written: the core removes the file again.
+per-frame refusals are the core's, after validation: it writes no file for them, or removes the
+one it wrote.
 
 What a client sent is never echoed whole: messages, gRPC status details and log lines carry
 at most :data:`ECHO_CHARS` characters of any field (:func:`clip`).

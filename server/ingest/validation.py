@@ -321,6 +321,14 @@ def _unit(value: float) -> bool:
     return math.isfinite(value) and 0.0 <= value <= 1.0
 
 
+def _all_in_unit_range(values: np.ndarray) -> bool:
+    """Every value in [0, 1] (NaN is not): plain Python for the usual few scores (~0.4 us for 3,
+    where numpy's comparisons take ~2 us), numpy for long vectors."""
+    if values.size <= 64:
+        return all(0.0 <= v <= 1.0 for v in values.tolist())
+    return bool(values.min() >= 0.0 and values.max() <= 1.0)
+
+
 def _check_image(rec: FrameRecord, config: ValidationConfig, budget: DecodeBudget) -> None:
     fid = rec.frame_id
     media_type = rec.media_type or "image/jpeg"
@@ -459,8 +467,7 @@ def _check_detections(rec: FrameRecord, config: ValidationConfig) -> None:
             raise _reject(RejectCode.BAD_VALUE, f"{where}: box {det.box} is not finite", fid)
         if not _unit(det.confidence):
             raise _reject(RejectCode.BAD_VALUE, f"{where}: confidence {det.confidence} is outside [0, 1]", fid)
-        scores = det.class_scores
-        if scores is not None and not ((scores >= 0.0) & (scores <= 1.0)).all():  # NaN fails both
+        if det.class_scores is not None and not _all_in_unit_range(det.class_scores):
             raise _reject(RejectCode.BAD_VALUE, f"{where}: class_scores hold values outside [0, 1]", fid)
         x1, y1, x2, y2 = det.box
         if x2 <= x1 or y2 <= y1:
