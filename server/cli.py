@@ -151,7 +151,8 @@ def media_sweep(
     ] = 30.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
 ) -> None:
-    """Remove images no sample points at (left by crashes or by frames never resent); safe while the server runs."""
+    """Remove images no sample points at, whatever their extension (left by crashes or by frames never
+    resent); safe while the server runs."""
     from pymongo.errors import PyMongoError
 
     from server.store.mongo import MongoManager, configure_fiftyone
@@ -170,7 +171,7 @@ def media_sweep(
     try:
         result = sweep_orphans(
             LocalMediaStore(cfg.media.root),
-            inbox.existing_ids,
+            inbox.sample_files,
             min_age_s=min_age_hours * 3600,
             grace_s=grace_s,
             dry_run=dry_run,

@@ -35,6 +35,17 @@ checks ``read`` against each delivered message's topic, without the ``$share/<gr
 writes ``P/devices/+/acks`` and ``P/releases/#``; role ``announcer`` reads and writes
 ``P/releases/#``; role ``admin`` reads and writes ``P/#``.
 
+Per-client limits over MQTT: :meth:`MosquittoFiles.conf_lines` (what ``edgeloop server devices
+mosquitto-files`` prints) also sets what one client may cost the broker (``BrokerLimits``): the
+largest packet (a bigger publish disconnects its client before the bridge sees it), the
+messages and bytes queued for one client, the longest keepalive (a dead connection goes within
+1.5x of it) and how long an absent client's session lives. Mosquitto 2.0 applies each to every
+client alike and has neither a per-user connection count nor a publish rate limit, so a device
+that floods its own frames topic delays other devices' frames in the bridge's queue (it cannot
+reach their topics: the ACL, nor get past validation): revoke it (``devices revoke``) and the
+broker drops it at the reload. On gRPC the server itself caps streams per device
+(``grpc.max_streams_per_device``).
+
 Limits: gRPC in Python has no certificate revocation lists, so a revoked device's certificate
 still completes the TLS handshake; the receiver refuses it by asking :meth:`DeviceRegistry.is_active`
 (or :meth:`DeviceRegistry.verify_peer`, which also refuses an old certificate of a re-added id).
@@ -163,6 +174,58 @@ class ServiceUser(StrictModel):
             raise ValueError(str(err)) from err
 
 
+class BrokerLimits(StrictModel):
+    """Per-client limits for the broker's config (Mosquitto applies each to every client)."""
+
+    max_packet_bytes: int = Field(
+        default=16 * 1024 * 1024 + 64 * 1024,
+        ge=64 * 1024,
+        description=(
+            "max_packet_size: a larger packet disconnects its client. At least the server's largest frame "
+            "(validation.max_frame_bytes) plus room for the topic and headers."
+        ),
+    )
+    max_queued_messages: int = Field(
+        default=10_000,
+        ge=1,
+        description=(
+            "Messages queued for one client (an absent session, or beyond its in-flight window); more are dropped "
+            "(frames: the agents resend them after their ack timeout). The bridge's clients need room for every "
+            "device's batch in flight (deploy/README.md)."
+        ),
+    )
+    max_queued_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=0,
+        description="Bytes queued for one client (0: no byte limit): what one client may cost the broker's memory.",
+    )
+    max_keepalive_s: int = Field(
+        default=300,
+        ge=10,
+        le=65535,
+        description="Longest keepalive a client may ask for (agents and the bridge must not ask for longer).",
+    )
+    session_expiration: str = Field(
+        default="7d",
+        pattern=r"^[0-9]+[hdwmy]$",
+        description="persistent_client_expiration: sessions of clients gone this long are removed with their queue.",
+    )
+
+    def conf_lines(self) -> str:
+        return (
+            "# Per-client limits (edgeloop: server/devices.py BrokerLimits); Mosquitto applies each to every client.\n"
+            "# A larger packet disconnects its client (frames: validation.max_frame_bytes + 64 KiB).\n"
+            f"max_packet_size {self.max_packet_bytes}\n"
+            "# Queued for one client (an absent session, or beyond its in-flight window); more are dropped.\n"
+            f"max_queued_messages {self.max_queued_messages}\n"
+            f"max_queued_bytes {self.max_queued_bytes}\n"
+            "# Longest keepalive a client may ask for: a dead connection is dropped within 1.5x of it.\n"
+            f"max_keepalive {self.max_keepalive_s}\n"
+            "# Sessions of clients gone this long are removed, with what was queued for them.\n"
+            f"persistent_client_expiration {self.session_expiration}\n"
+        )
+
+
 def _default_service_users() -> list[ServiceUser]:
     return [
         ServiceUser(name="edgeloop-bridge", role="bridge"),
@@ -212,6 +275,9 @@ class DevicesConfig(StrictModel):
     mqtt_host: str = Field(default="localhost", description="The broker's host, written into bundles.")
     mqtt_port: int = Field(default=8883, ge=1, le=65535, description="The broker's port, written into bundles.")
     mqtt_tls: bool = Field(default=True, description="Whether bundles connect to the broker with TLS.")
+    broker_limits: BrokerLimits = Field(
+        default_factory=BrokerLimits, description="Per-client limits in the broker config lines mosquitto-files prints."
+    )
 
     @field_validator("server_names")
     @classmethod
@@ -286,10 +352,12 @@ class ServerCredentials:
 class MosquittoFiles:
     password_file: Path
     acl_file: Path
+    limits: BrokerLimits | None = None
 
     def conf_lines(self) -> str:
-        """The lines a mosquitto.conf needs to use these files."""
-        return f"allow_anonymous false\npassword_file {self.password_file}\nacl_file {self.acl_file}\n"
+        """The lines a mosquitto.conf needs to use these files, and the per-client limits."""
+        lines = f"allow_anonymous false\npassword_file {self.password_file}\nacl_file {self.acl_file}\n"
+        return lines + (self.limits.conf_lines() if self.limits is not None else "")
 
 
 # -- Mosquitto password hashes ----------------------------------------------------------------------
@@ -918,7 +986,7 @@ class DeviceRegistry:
             write_atomic(self.acl_file, self.acl_text(state), mode=mode, gid=gid)
         except PermissionError as err:
             raise DeviceError(f"cannot write the Mosquitto files ({err}); is mosquitto_group one of yours?") from err
-        return MosquittoFiles(self.password_file, self.acl_file)
+        return MosquittoFiles(self.password_file, self.acl_file, self.config.broker_limits)
 
     def write_mosquitto_files(self) -> MosquittoFiles:
         """Regenerate the broker's password_file and acl_file from the registry (atomically)."""

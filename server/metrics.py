@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 class ServerMetrics:
     """Counters of the ingest path. Transports count what they receive and refuse; the core
-    counts what it stores."""
+    counts what it stores, and the frames it refuses after validation (``id_not_available``,
+    ``storage_refused``)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -41,6 +42,12 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge("edgeloop_server_store_queue", "Frames waiting to be stored.", registry=r)
         self.heartbeats = Counter("edgeloop_server_heartbeats", "Device heartbeats received.", registry=r)
+        self.heartbeats_rejected = Counter(
+            "edgeloop_server_heartbeats_rejected",
+            "Heartbeats refused (over a size or field limit).",
+            ["transport", "reason"],
+            registry=r,
+        )
 
 
 class SummedCollector:

@@ -14,7 +14,7 @@ same port and stores, with its own:
 
 - MQTT client ids (``<client_id_prefix>-w<i>-<n>``): persistent sessions stay per process and
   stable across restarts with the same ``workers``;
-- heartbeat file (``heartbeats-w<i>.json`` beside ``heartbeats.json``): each process keeps the
+- heartbeat database (``heartbeats-w<i>.sqlite3`` beside ``heartbeats.sqlite3``): each process keeps the
   devices that reported to it;
 - metrics, on a loopback port of its own that the main process reads at every scrape of
   ``metrics.port``, which serves the sum (``server.metrics.SummedCollector``).

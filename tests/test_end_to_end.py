@@ -31,6 +31,7 @@ from edgeloop.convert import ack_from_pb
 from edgeloop.domain import AckStatus
 from edgeloop.v1 import frames_pb2
 from server.devices import DeviceRegistry, DevicesConfig
+from server.ingest.heartbeats import read_fleet
 from tests.fakes.frames import make_frame
 from tests.fixtures.server_process import ServerProcess, free_port
 
@@ -200,14 +201,12 @@ def test_agents_upload_over_grpc_and_mqtt_into_fiftyone(deployment):
     assert len(_media_files(d)) == 16
 
     # Heartbeats reported each device's running model.
-    beats = d.data / "heartbeats.json"
-
     def reported() -> dict:
-        return json.loads(beats.read_text())["devices"] if beats.exists() else {}
+        return read_fleet(d.data)
 
     wait_for(lambda: {"cam-grpc", "cam-mqtt"} <= set(reported()), 10, "heartbeats from both devices")
     for entry in reported().values():
-        assert entry["status"]["model_version"].startswith("8.4.115+sha256:")
+        assert entry.status.model_version.startswith("8.4.115+sha256:")
 
 
 def test_fiftyone_app_serves_the_inbox(deployment):
@@ -280,7 +279,9 @@ def test_bad_input_over_mqtt_is_logged_counted_and_stores_nothing(deployment):
             make_frame(device="cam-mqtt", image=b"\xff\xd8 not a jpeg"),
             make_frame(device="cam-mqtt", boxes=((1, 2, 500, 40),)),
             make_frame(device="cam-mqtt", class_id=7),
-            make_frame(device="cam-mqtt", image=os.urandom(50 << 20)),  # 50 MB: refused unparsed, by its id
+            # Just over the bridge's 16 MiB: refused unparsed, by its id. (The broker's generated
+            # max_packet_size, 64 KiB above, lets it through; a larger one would disconnect us.)
+            make_frame(device="cam-mqtt", image=os.urandom(16 << 20)),
         ]
         good = make_frame(device="cam-mqtt")
         for _fid, payload in [*bad, good]:

@@ -103,7 +103,8 @@ def test_two_ingest_processes_share_the_load_store_each_frame_once_and_die_with_
     config = {
         "data_dir": str(tmp_path / "server"),
         "workers": 2,
-        "grpc": {"port": free_port()},
+        # The agent below splits its batches over AGENT_CONNECTIONS streams: allow one device that many.
+        "grpc": {"port": free_port(), "max_streams_per_device": AGENT_CONNECTIONS},
         "mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port},
         "mongo": {"uri": fiftyone_env},
         "inbox": {"dataset": dataset},

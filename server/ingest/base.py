@@ -3,24 +3,37 @@ core every transport hands frames to.
 
 Error mapping (the same checks run for both transports; see ``core.py``):
 
-=====================  ================================  =====================================
-problem                gRPC                              MQTT bridge
-=====================  ================================  =====================================
-message too large      RESOURCE_EXHAUSTED (stream ends)  log + counter, dropped (no frame id)
-malformed / truncated  INVALID_ARGUMENT (stream ends)    log + counter, dropped (no frame id)
-no frame or device id  INVALID_ARGUMENT (stream ends)    log + counter, dropped
-unknown/revoked device PERMISSION_DENIED (stream ends)   log + counter + REJECTED ack
-device mismatch        PERMISSION_DENIED (stream ends)   log + counter (topic != payload device)
-image does not decode  FrameAck REJECTED, stream goes on log + counter + REJECTED ack
-boxes outside image    FrameAck REJECTED                 same
-unknown class          FrameAck REJECTED                 same
-storage unavailable    FrameAck RETRY                    RETRY ack (the agent resends), message acked
-=====================  ================================  =====================================
+=======================  ================================  =====================================
+problem                  gRPC                              MQTT bridge
+=======================  ================================  =====================================
+message too large        RESOURCE_EXHAUSTED (stream ends)  log + counter, dropped (no frame id)
+malformed / truncated    INVALID_ARGUMENT (stream ends)    log + counter, dropped (no frame id)
+no frame or device id    INVALID_ARGUMENT (stream ends)    log + counter, dropped
+unknown/revoked device   PERMISSION_DENIED (stream ends)   log + counter + REJECTED ack
+device mismatch          PERMISSION_DENIED (stream ends)   log + counter (topic != payload device)
+too many streams of one  UNAVAILABLE (stream ends before  (the broker's per-client limits, see
+device                   its first frame; agents retry)    ``server/devices.py``)
+stream idle too long     UNAVAILABLE (stream ends)         (the broker's keepalive)
+image does not decode    FrameAck REJECTED, stream goes on log + counter + REJECTED ack
+boxes outside image      FrameAck REJECTED                 same
+unknown class            FrameAck REJECTED                 same
+a field over its limit   FrameAck REJECTED (names field)   same
+frame id of another      FrameAck REJECTED                 same
+device
+database refuses the     FrameAck REJECTED                 same
+sample's content
+storage unavailable      FrameAck RETRY                    RETRY ack (the agent resends), message acked
+=======================  ================================  =====================================
 
 "Stream ends" problems concern the whole connection (who is talking, or bytes that are not a
 frame at all); per-frame problems are answered per frame so one bad frame does not hold back
-the good ones queued behind it. Nothing is written for a refused frame: validation happens
-before any byte reaches the media store or the database.
+the good ones queued behind it. Nothing is written for a frame refused by validation:
+validation happens before any byte reaches the media store or the database. The last two
+per-frame refusals are the core's, after validation: it writes no file for them, or removes the
+one it wrote.
+
+What a client sent is never echoed whole: messages, gRPC status details and log lines carry
+at most :data:`ECHO_CHARS` characters of any field (:func:`clip`).
 """
 
 from __future__ import annotations
@@ -45,6 +58,12 @@ class RejectCode(StrEnum):
     BOX_OUTSIDE = "box_outside"
     UNKNOWN_CLASS = "unknown_class"
     BAD_VALUE = "bad_value"
+    #: A field (string, list, vector) over its limit (``ValidationConfig``); the message names it.
+    FIELD_LIMIT = "field_limit"
+    #: The frame id belongs to another device (answered without saying so).
+    ID_NOT_AVAILABLE = "id_not_available"
+    #: The database refused the frame's sample for its content (not because it is down).
+    STORAGE_REFUSED = "storage_refused"
 
     @property
     def fatal_for_stream(self) -> bool:
@@ -63,11 +82,35 @@ _STREAM_FATAL = frozenset(
 )
 
 
+#: Longest device id (the agent's ``DEVICE_ID_PATTERN``: 1-64 characters).
+MAX_DEVICE_ID_CHARS = 64
+#: Most characters of a client's value echoed into a message, a gRPC status or a log line.
+ECHO_CHARS = 80
+#: Longest rejection message (a backstop: messages are built from clipped values).
+MAX_MESSAGE_CHARS = 1000
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, saying how long the value was when it is cut.
+
+    For echoing what a client sent: a 1 MB device id must not become a 1 MB status detail (which
+    the client cannot even receive) or log line.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str | bytes) else ""
+    return f"{text[:limit]}...{size}"
+
+
 class FrameRejected(Exception):
     """A frame failed validation. ``code`` says which check; the message says what to fix."""
 
     def __init__(self, code: RejectCode, message: str, frame_id: str = "") -> None:
-        super().__init__(f"{code.value}: {message}")
+        text = f"{code.value}: {message}"
+        if len(text) > MAX_MESSAGE_CHARS:
+            text = text[: MAX_MESSAGE_CHARS - 3] + "..."
+        super().__init__(text)
         self.code = code
         self.frame_id = frame_id
 

@@ -22,7 +22,24 @@ counted as ``frames_rejected{transport="grpc", reason=<code>}`` and logged.
 Identity: with mutual TLS the client certificate's common name is the device id; the stream
 (and a heartbeat) is refused with ``PERMISSION_DENIED`` before any frame is read when that
 device is not active. Without a client certificate the identity names no device and the core
-checks the device id the frame claims against the device directory.
+checks the device id each frame claims against the device directory.
+
+Fairness: gRPC serves at most ``max_concurrent_streams`` calls at once, one thread each, so one
+device holding them all would lock every other device out. A device may hold at most
+``max_streams_per_device`` upload streams at once (counted from the certificate at the start of
+the call, or without one from the device id the stream's first frame claims, read from its
+first bytes by :func:`peek_device_id`); one more is ended with ``UNAVAILABLE`` (the
+agent retries later) before any frame of it is stored. A stream that has no frame waiting for
+its ack and receives none for ``stream_idle_timeout_s`` is ended with ``UNAVAILABLE`` too, so
+idle streams (which have not sent a frame yet, or stopped half-way without closing) give their
+slot back. The timeout must exceed the time a device needs to send its largest frame. Without
+certificates the count trusts the device id a frame claims: per-device fairness against a
+*hostile* device needs mutual TLS (against one that opens streams and sends nothing, the idle
+timeout is what frees the slots).
+
+Heartbeats are held to the limits of :mod:`server.ingest.heartbeats` (``INVALID_ARGUMENT`` or
+``RESOURCE_EXHAUSTED`` name the field); what a client sent is clipped in every status detail
+and log line (:func:`server.ingest.base.clip`).
 
 :func:`build_grpc_server` makes the ``grpc.Server`` (address, limits, keepalive, TLS) and lets
 each caller-supplied adder register its services on it: ingest and the model registry share
@@ -49,8 +66,17 @@ from edgeloop.config_base import ConfigError, StrictModel
 from edgeloop.convert import ack_to_pb, device_status_from_pb, timestamp_from_seconds
 from edgeloop.domain import Ack, AckStatus
 from edgeloop.v1 import frames_pb2
-from server.ingest.base import AllowAllDevices, DeviceDirectory, FrameRejected, Identity, Ingestor, RejectCode
-from server.ingest.heartbeats import HeartbeatStore
+from server.ingest.base import (
+    MAX_DEVICE_ID_CHARS,
+    AllowAllDevices,
+    DeviceDirectory,
+    FrameRejected,
+    Identity,
+    Ingestor,
+    RejectCode,
+    clip,
+)
+from server.ingest.heartbeats import HeartbeatRejected, HeartbeatStore, bound_status, check_heartbeat_size
 from server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -123,6 +149,23 @@ class GrpcServerConfig(StrictModel):
             "RESOURCE_EXHAUSTED, which agents retry. Defaults to max_workers, so no call waits for a thread."
         ),
     )
+    max_streams_per_device: int = Field(
+        default=8,
+        ge=1,
+        description=(
+            "Upload streams one device may hold open at once in this process; one more is ended with "
+            "UNAVAILABLE (the agent retries). Keeps one device from taking every stream slot: it is held below "
+            "max_concurrent_streams. Must be at least the agents' transport.connections."
+        ),
+    )
+    stream_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "An upload stream with no frame waiting for its ack that receives no frame for this long is ended "
+            "with UNAVAILABLE, giving its slot back; must exceed the time a device needs to send its largest frame."
+        ),
+    )
     max_outstanding_per_stream: int = Field(
         default=256,
         ge=1,
@@ -177,6 +220,16 @@ class GrpcServerConfig(StrictModel):
             )
         return self
 
+    @property
+    def concurrent_calls(self) -> int:
+        """Calls served at once (``max_concurrent_streams``, default ``max_workers``)."""
+        return self.max_concurrent_streams or self.max_workers
+
+    @property
+    def streams_per_device(self) -> int:
+        """``max_streams_per_device``, but below :attr:`concurrent_calls`: another device always finds a slot."""
+        return max(1, min(self.max_streams_per_device, self.concurrent_calls - 1))
+
 
 class ServerStartError(Exception):
     """The gRPC server could not listen (address in use, bad host, unreadable TLS files)."""
@@ -209,6 +262,23 @@ class _Stream:
         self.cond = threading.Condition()
         self.entries: deque[Ack | Future[Ack] | _End] = deque()
         self.terminated = False  # the call ended (client cancel, deadline, server stop)
+        self.last_activity = time.monotonic()  # last frame read or ack taken
+        self.device: str | None = None  # the device whose slot this stream holds
+
+    def claim(self, slots: _DeviceSlots, device: str) -> bool:
+        """Take one of ``device``'s stream slots for this stream; False when it has none left or the
+        call ended (under the stream's lock, so :meth:`release` cannot miss it)."""
+        with self.cond:
+            if self.terminated or not slots.acquire(device):
+                return False
+            self.device = device
+            return True
+
+    def release(self, slots: _DeviceSlots) -> None:
+        with self.cond:
+            device, self.device = self.device, None
+        if device is not None:
+            slots.release(device)
 
     def _completed(self, future: Future[Ack]) -> None:
         with self.cond:
@@ -230,14 +300,16 @@ class _Stream:
     def append(self, entry: Ack | Future[Ack] | _End) -> None:
         pending = isinstance(entry, Future)
         with self.cond:
+            self.last_activity = time.monotonic()
             self.entries.append(entry)
             if len(self.entries) == 1 and not pending:
                 self.cond.notify_all()
         if pending:
             entry.add_done_callback(self._completed)  # runs at once if it is already done
 
-    def next_ready(self) -> Ack | Future[Ack] | _End | None:
-        """The first entry once it is ready (in order), or None once the call ended."""
+    def next_ready(self, idle_timeout: float) -> Ack | Future[Ack] | _End | None:
+        """The first entry once it is ready (in order); None once the call ended; :data:`_IDLE`
+        when nothing was waiting and nothing came for ``idle_timeout`` seconds."""
         with self.cond:
             while True:
                 if self.terminated:
@@ -246,10 +318,50 @@ class _Stream:
                     head = self.entries[0]
                     if not isinstance(head, Future) or head.done():
                         self.entries.popleft()
+                        self.last_activity = time.monotonic()
                         if len(self.entries) == self.max_outstanding - 1:
                             self.cond.notify_all()  # room for a reader waiting at the bound
                         return head
-                self.cond.wait()
+                    self.cond.wait()
+                    continue
+                left = self.last_activity + idle_timeout - time.monotonic()
+                if left <= 0:
+                    return _IDLE
+                self.cond.wait(left)
+
+
+#: What :meth:`_Stream.next_ready` returns for a stream idle too long.
+_IDLE = _End(grpc.StatusCode.UNAVAILABLE, "idle")
+
+
+class _DeviceSlots:
+    """Upload streams open per device, capped; thread-safe."""
+
+    def __init__(self, per_device: int) -> None:
+        self.per_device = per_device
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    def acquire(self, device: str) -> bool:
+        with self._lock:
+            count = self._open.get(device, 0)
+            if count >= self.per_device:
+                return False
+            self._open[device] = count + 1
+            return True
+
+    def release(self, device: str) -> None:
+        with self._lock:
+            count = self._open.get(device, 0) - 1
+            if count > 0:
+                self._open[device] = count
+            else:
+                self._open.pop(device, None)
+
+    def open(self, device: str) -> int:
+        """Streams ``device`` holds now."""
+        with self._lock:
+            return self._open.get(device, 0)
 
 
 class IngestServicer:
@@ -261,6 +373,8 @@ class IngestServicer:
         heartbeats: Where device statuses go.
         devices: Which devices may talk; checked up front for certificate-authenticated streams.
         max_outstanding_per_stream: Frames read ahead of their acks per stream.
+        max_streams_per_device: Upload streams one device may hold at once.
+        stream_idle_timeout_s: An upload stream idle this long is ended.
     """
 
     def __init__(
@@ -271,12 +385,27 @@ class IngestServicer:
         heartbeats: HeartbeatStore,
         devices: DeviceDirectory | None = None,
         max_outstanding_per_stream: int = 256,
+        max_streams_per_device: int = 8,
+        stream_idle_timeout_s: float = 60.0,
     ) -> None:
         self.ingestor = ingestor
         self.metrics = metrics
         self.heartbeats = heartbeats
         self.devices = devices if devices is not None else AllowAllDevices()
         self.max_outstanding_per_stream = max_outstanding_per_stream
+        self.stream_idle_timeout_s = stream_idle_timeout_s
+        self.slots = _DeviceSlots(max_streams_per_device)
+
+    @classmethod
+    def from_config(cls, ingestor: Ingestor, config: GrpcServerConfig, **kwargs: object) -> IngestServicer:
+        """A servicer with the per-stream limits of ``config`` (``kwargs``: the other arguments)."""
+        return cls(
+            ingestor,
+            max_outstanding_per_stream=config.max_outstanding_per_stream,
+            max_streams_per_device=config.streams_per_device,
+            stream_idle_timeout_s=config.stream_idle_timeout_s,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Register the service (pass this method to :func:`build_grpc_server`)."""
@@ -307,15 +436,25 @@ class IngestServicer:
         stream = _Stream(self.max_outstanding_per_stream)
         if not context.add_callback(stream.terminate):
             return
-        reader = threading.Thread(
-            target=self._read,
-            args=(request_iterator, identity, stream),
-            name=f"grpc-ingest-read-{identity.device_id or identity.peer}",
-            daemon=True,
-        )
-        reader.start()
         try:
-            while (entry := stream.next_ready()) is not None:
+            if identity.device_id is not None and not stream.claim(self.slots, identity.device_id):
+                self._refuse_stream(identity, context)
+            reader = threading.Thread(
+                target=self._read,
+                args=(request_iterator, identity, stream),
+                name=f"grpc-ingest-read-{clip(identity.device_id or identity.peer, 40)}",
+                daemon=True,
+            )
+            reader.start()
+            while (entry := stream.next_ready(self.stream_idle_timeout_s)) is not None:
+                if entry is _IDLE:
+                    idle = self.stream_idle_timeout_s
+                    logger.info("gRPC stream from %s idle for %.0f s; ended", _who(identity), idle)
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"no frame for {self.stream_idle_timeout_s:g} s: the idle stream was closed; open a new one "
+                        "to send more",
+                    )
                 if isinstance(entry, _End):
                     if entry.status is not None:
                         context.abort(entry.status, entry.message)
@@ -337,6 +476,21 @@ class IngestServicer:
         finally:
             # Also reached when the call is cancelled mid-way: release a reader waiting for room.
             stream.terminate()
+            stream.release(self.slots)
+
+    def _refuse_stream(self, identity: Identity, context: grpc.ServicerContext) -> None:
+        logger.warning(
+            "gRPC stream from %s refused: the device already holds %d upload streams",
+            _who(identity),
+            self.slots.per_device,
+        )
+        context.abort(grpc.StatusCode.UNAVAILABLE, self._too_many_streams(identity.device_id or ""))
+
+    def _too_many_streams(self, device: str) -> str:
+        return (
+            f"device {clip(device)} already holds {self.slots.per_device} upload streams, the most one device may "
+            "hold at once: send over fewer connections, or retry once one has finished"
+        )
 
     def _read(self, request_iterator: Iterator[bytes], identity: Identity, stream: _Stream) -> None:
         # Room is awaited *before* reading: a stream at its bound leaves the next frame unread,
@@ -351,6 +505,12 @@ class IngestServicer:
                 except StopIteration:
                     break
                 self.metrics.frames_received.labels(TRANSPORT).inc()
+                # No certificate: the stream counts as one of the device its first frame names.
+                device = peek_device_id(payload) if count == 0 and identity.device_id is None else ""
+                if device and len(device) <= MAX_DEVICE_ID_CHARS and not stream.claim(self.slots, device):
+                    end = _End(grpc.StatusCode.UNAVAILABLE, self._too_many_streams(device))
+                    logger.warning("gRPC stream from %s refused: too many streams of the device", _who(identity))
+                    break
                 try:
                     entry: Ack | Future[Ack] = self.ingestor.submit(payload, identity)
                 except FrameRejected as err:
@@ -381,6 +541,10 @@ class IngestServicer:
         identity = self._identity(context)
         self._check_certificate_device(identity, context)
         try:
+            check_heartbeat_size(len(payload))
+        except HeartbeatRejected as err:
+            self._refuse_heartbeat(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large", f"{err}", identity)
+        try:
             request = frames_pb2.DeviceStatus.FromString(payload)
         except DecodeError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat: send a serialized DeviceStatus")
@@ -390,17 +554,29 @@ class IngestServicer:
         if identity.device_id is not None and device_id != identity.device_id:
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"heartbeat for device {device_id!r} on a connection authenticated as {identity.device_id!r}: "
-                "a device may only report for itself",
+                f"heartbeat for device {clip(device_id)} on a connection authenticated as "
+                f"{clip(identity.device_id)}: a device may only report for itself",
             )
-        if identity.device_id is None and not self.devices.is_active(device_id):
+        unknown = len(device_id) > MAX_DEVICE_ID_CHARS or not self.devices.is_active(device_id)
+        if identity.device_id is None and unknown:
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"device {device_id!r} is not registered or was revoked: register it on the server",
+                f"device {clip(device_id)} is not registered or was revoked: register it on the server",
             )
-        self.heartbeats.record(device_status_from_pb(request))
+        try:
+            status = bound_status(device_status_from_pb(request))
+        except HeartbeatRejected as err:
+            self._refuse_heartbeat(context, grpc.StatusCode.INVALID_ARGUMENT, "field_limit", str(err), identity)
+        self.heartbeats.record(status)
         self.metrics.heartbeats.inc()
         return frames_pb2.HeartbeatReply(server_time=timestamp_from_seconds(time.time()))
+
+    def _refuse_heartbeat(
+        self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str, identity: Identity
+    ) -> None:
+        self.metrics.heartbeats_rejected.labels(TRANSPORT, reason).inc()
+        logger.warning("gRPC heartbeat from %s refused: %s", _who(identity), message)
+        context.abort(code, f"heartbeat refused: {message}")
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -434,7 +610,7 @@ class IngestServicer:
         logger.warning("gRPC call from %s refused: device not active", _who(identity))
         context.abort(
             grpc.StatusCode.PERMISSION_DENIED,
-            f"device {identity.device_id!r} (the client certificate's common name) is not registered, was "
+            f"device {clip(identity.device_id)} (the client certificate's common name) is not registered, was "
             "revoked, or presents an outdated certificate: register the device on the server and install "
             "its current certificate",
         )
@@ -445,7 +621,54 @@ def _fatal_message(err: FrameRejected, frames_before: int) -> str:
 
 
 def _who(identity: Identity) -> str:
-    return f"{identity.device_id} ({identity.peer})" if identity.device_id else identity.peer or "unknown peer"
+    peer = clip(identity.peer, 60) if identity.peer else "unknown peer"
+    return f"{clip(identity.device_id)} ({peer})" if identity.device_id else peer
+
+
+def peek_device_id(payload: bytes) -> str:
+    """The ``device_id`` (field 2) of a serialized ``FrameUpload`` without parsing the message, or ``""``.
+
+    Walks the fields before it (the agent writes fields in number order, so only ``frame_id``),
+    skipping each by its length; ``""`` when the bytes are not a well-formed field sequence up to
+    a field 2 that is valid UTF-8. Costs microseconds whatever the message's size.
+    """
+    pos, end = 0, len(payload)
+    for _ in range(16):  # field 2 comes second; a few unknown fields before it are tolerated
+        tag, pos = _varint(payload, pos)
+        if tag is None:
+            return ""
+        field, wire = tag >> 3, tag & 7
+        if wire == 2:
+            length, pos = _varint(payload, pos)
+            if length is None or pos + length > end:
+                return ""
+            if field == 2:
+                try:
+                    return payload[pos : pos + length].decode("utf-8")
+                except UnicodeDecodeError:
+                    return ""
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(payload, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            return ""
+        if pos > end:
+            return ""
+    return ""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
+    value, shift = 0, 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None, pos
 
 
 # -- the server -------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ Verdicts, per frame message (the table in ``base.py``):
 
 The topic's device segment is the sender's identity (the broker's ACL ties each device's topics
 to its user), so a payload naming another device is a ``DEVICE_MISMATCH`` (the core checks it).
+
+Heartbeats are held to the limits of :mod:`server.ingest.heartbeats`; one over a limit is
+logged, counted (``heartbeats_rejected{transport="mqtt"}``) and dropped. What a client sent
+(topics, ids) is clipped in every log line (:func:`server.ingest.base.clip`). Fairness between
+devices is the broker's business over MQTT: see the per-client limits in ``server/devices.py``.
 """
 
 from __future__ import annotations
@@ -74,8 +79,17 @@ from edgeloop.domain import Ack, AckStatus
 from edgeloop.mqtt_client import new_client
 from edgeloop.tls import TLSError, client_ssl_context
 from edgeloop.v1 import frames_pb2
-from server.ingest.base import AllowAllDevices, DeviceDirectory, FrameRejected, Identity, Ingestor, RejectCode
-from server.ingest.heartbeats import HeartbeatStore
+from server.ingest.base import (
+    MAX_DEVICE_ID_CHARS,
+    AllowAllDevices,
+    DeviceDirectory,
+    FrameRejected,
+    Identity,
+    Ingestor,
+    RejectCode,
+    clip,
+)
+from server.ingest.heartbeats import HeartbeatRejected, HeartbeatStore, bound_status, check_heartbeat_size
 from server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -446,10 +460,10 @@ class MqttBridge:
             elif kind == "status":
                 self._on_status(device_id, msg)
             else:
-                logger.warning("MQTT bridge: ignored a message on unexpected topic %r", msg.topic)
+                logger.warning("MQTT bridge: ignored a message on unexpected topic %s", clip(msg.topic))
         except Exception:
             # Whatever this message did, the next one must still be served.
-            logger.exception("MQTT bridge: failed to handle a message on %r; dropped", msg.topic)
+            logger.exception("MQTT bridge: failed to handle a message on %s; dropped", clip(msg.topic))
         self._puback(bc, generation, msg.mid, msg.qos)
 
     # -- frames ------------------------------------------------------------------------------
@@ -459,8 +473,9 @@ class MqttBridge:
         self.metrics.frames_received.labels(TRANSPORT).inc()
         payload = bytes(msg.payload)
         try:
-            if device_id is None:
-                raise FrameRejected(RejectCode.MISSING_ID, f"topic {msg.topic!r} names no device")
+            if device_id is None or len(device_id) > MAX_DEVICE_ID_CHARS:
+                device_id = None  # no ack goes to a topic that names no device
+                raise FrameRejected(RejectCode.MISSING_ID, f"topic {clip(msg.topic)} names no device")
             if len(payload) > self.config.max_payload_bytes:
                 raise FrameRejected(
                     RejectCode.TOO_LARGE,
@@ -482,7 +497,7 @@ class MqttBridge:
 
     def _rejected(self, bc: _Client, device_id: str | None, topic: str, err: FrameRejected) -> None:
         frame = err.frame_id or "(no frame id)"
-        logger.warning("MQTT frame %s on %s rejected: %s", frame, topic, err)
+        logger.warning("MQTT frame %s on %s rejected: %s", frame, clip(topic), err)
         # Counted after the log line: whoever sees the counter move can also find the line.
         self.metrics.frames_rejected.labels(TRANSPORT, err.code.value).inc()
         if err.frame_id and device_id is not None:
@@ -527,26 +542,40 @@ class MqttBridge:
     # -- heartbeats --------------------------------------------------------------------------
 
     def _on_status(self, device_id: str | None, msg: mqtt.MQTTMessage) -> None:
-        if device_id is None:
-            logger.warning("MQTT bridge: ignored a heartbeat on %r, which names no device", msg.topic)
+        topic = clip(msg.topic)
+        if device_id is None or len(device_id) > MAX_DEVICE_ID_CHARS:
+            logger.warning("MQTT bridge: ignored a heartbeat on %s, which names no device", topic)
             return
         try:
+            check_heartbeat_size(len(msg.payload))
             status = device_status_from_pb(frames_pb2.DeviceStatus.FromString(msg.payload))
+        except HeartbeatRejected as err:
+            self._heartbeat_refused("too_large", topic, err)
+            return
         except DecodeError:
-            logger.warning("MQTT bridge: ignored a malformed heartbeat on %r", msg.topic)
+            logger.warning("MQTT bridge: ignored a malformed heartbeat on %s", topic)
             return
         if status.device_id != device_id:
             logger.warning(
-                "MQTT bridge: ignored a heartbeat for device %r on %r: a device may only report for itself",
-                status.device_id,
-                msg.topic,
+                "MQTT bridge: ignored a heartbeat for device %s on %s: a device may only report for itself",
+                clip(status.device_id),
+                topic,
             )
             return
         if not self.devices.is_active(device_id):
-            logger.warning("MQTT bridge: ignored a heartbeat from %r: not registered or revoked", device_id)
+            logger.warning("MQTT bridge: ignored a heartbeat from %s: not registered or revoked", clip(device_id))
+            return
+        try:
+            status = bound_status(status)
+        except HeartbeatRejected as err:
+            self._heartbeat_refused("field_limit", topic, err)
             return
         self.heartbeats.record(status)
         self.metrics.heartbeats.inc()
+
+    def _heartbeat_refused(self, reason: str, topic: str, err: HeartbeatRejected) -> None:
+        logger.warning("MQTT bridge: ignored a heartbeat on %s: %s", topic, err)
+        self.metrics.heartbeats_rejected.labels(TRANSPORT, reason).inc()
 
     # -- introspection (tests, health checks) -------------------------------------------------
 

@@ -17,6 +17,13 @@ two side by side). Measured on this project's 2-core CI machine (5 detections pe
 them, re-reading them after the insert) and tops out at 290-420 samples/s; the direct insert
 reaches 4,000-10,000 samples/s at 64 per batch (~700 at 1 per batch: each insert waits for a
 journal commit), so the database is not what limits ingest.
+
+A document the database refuses for its content (over MongoDB's 16 MiB, say) does not fail the
+others: :meth:`Inbox.insert_records` keeps the per-document errors of the unordered insert, and
+when the database refuses a whole batch for one document's content it splits the batch in
+halves until the culprit stands alone, so only that frame is refused. Validation's limits keep
+valid frames far below the size limit (``ValidationConfig.max_document_bytes``); this is the
+backstop. Refusals for any other reason (database down, write concern) raise, to be retried.
 The schema is declared once when the dataset is created, so FiftyOne (App, views, curation)
 sees typed fields. ``fiftyone`` is imported lazily: configure it first
 (``server.store.mongo.configure_fiftyone``).
@@ -25,12 +32,13 @@ sees typed fields. ``fiftyone`` is imported lazily: configure it first
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import Field
 
@@ -44,6 +52,47 @@ logger = logging.getLogger(__name__)
 
 #: MongoDB's duplicate-key error code (the unique ``frame_id`` index).
 DUPLICATE_KEY = 11000
+#: MongoDB error codes that refuse a document for what it holds: retrying cannot help.
+#: BadValue (2, e.g. "object to insert too large"), InvalidBSON (22), DollarPrefixedFieldName
+#: (52), InvalidDBRef (55), EmptyFieldName (56), DottedFieldName (57), BSONObjectTooLarge (10334),
+#: KeyTooLong (17280), document too large after an update (17419).
+CONTENT_ERROR_CODES = frozenset({2, 22, 52, 55, 56, 57, 10334, 17280, 17419})
+
+
+class StoredSample(NamedTuple):
+    """Who stored a frame id and where its image is (for ownership and orphan checks)."""
+
+    device_id: str
+    filepath: str
+
+
+@dataclasses.dataclass
+class InsertResult:
+    """What :meth:`Inbox.insert_records` did with each frame id."""
+
+    stored: list[str] = dataclasses.field(default_factory=list)
+    #: Already in the dataset (or inserted by another writer meanwhile, or repeated in the batch).
+    duplicates: list[str] = dataclasses.field(default_factory=list)
+    #: Refused by the database for the sample's content: frame id -> the database's reason.
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class SamplesRefused(ValueError):
+    """The database refused some samples for their content (:meth:`Inbox.add_records`)."""
+
+    def __init__(self, result: InsertResult) -> None:
+        super().__init__(f"{len(result.refused)} sample(s) refused by the database: {sorted(result.refused)[:5]}")
+        self.result = result
+
+
+def is_content_error(err: BaseException) -> bool:
+    """True when the database (or the driver, encoding it) refused a write for the document itself."""
+    from bson.errors import InvalidDocument
+    from pymongo.errors import BulkWriteError, OperationFailure
+
+    if isinstance(err, InvalidDocument):  # includes pymongo's DocumentTooLarge
+        return True
+    return isinstance(err, OperationFailure) and not isinstance(err, BulkWriteError) and err.code in CONTENT_ERROR_CODES
 
 
 class InboxConfig(StrictModel):
@@ -118,6 +167,11 @@ def _ensure_review_views(dataset: fo.Dataset) -> None:
         dataset.save()
 
 
+def _reason(code: object, message: str) -> str:
+    """A database refusal for an ack: its code and the start of its message (which may quote the document)."""
+    return f"{message[:160]} (code {code})"
+
+
 def _tags(record: FrameRecord) -> list[str]:
     return list(dict.fromkeys(r.trigger for r in record.reasons if r.trigger))
 
@@ -158,47 +212,83 @@ class Inbox:
             the dataset (or repeated within ``items``).
 
         Raises:
+            SamplesRefused: the database refused some samples for their content; the others were
+                stored (the exception's ``result`` says which).
             pymongo.errors.PyMongoError: the database is unreachable or refused a write for another
                 reason than a duplicate; samples that were inserted before the error stay (a retry
                 then finds them and reports them as duplicates).
         """
-        from pymongo.errors import BulkWriteError
+        result = self.insert_records(items, check_existing=check_existing)
+        if result.refused:
+            raise SamplesRefused(result)
+        return result.stored, result.duplicates
 
+    def insert_records(self, items: Iterable[tuple[FrameRecord, Path]], *, check_existing: bool = True) -> InsertResult:
+        """Like :meth:`add_records`, but a sample refused for its content is reported, not raised.
+
+        Raises:
+            pymongo.errors.PyMongoError: the database is unreachable or refused a write for another
+                reason than a duplicate or the content of a sample.
+        """
+        result = InsertResult()
         batch: dict[str, tuple[FrameRecord, Path]] = {}
-        duplicates: list[str] = []
         for record, path in items:
             if record.frame_id in batch:
-                duplicates.append(record.frame_id)
+                result.duplicates.append(record.frame_id)
             else:
                 batch[record.frame_id] = (record, path)
         if not batch:
-            return [], duplicates
+            return result
         existing = self.existing_ids(batch) if check_existing else set()
-        duplicates.extend(fid for fid in batch if fid in existing)
-        new = [item for fid, item in batch.items() if fid not in existing]
-        if not new:
-            return [], duplicates
+        result.duplicates.extend(fid for fid in batch if fid in existing)
         dataset_id = self.dataset._doc.id
         now = datetime.now(UTC).replace(tzinfo=None)
-        docs = [self._document(record, path, dataset_id, now) for record, path in new]
-        collection = self.dataset._sample_collection
+        new = [
+            (record.frame_id, self._document(record, path, dataset_id, now))
+            for fid, (record, path) in batch.items()
+            if fid not in existing
+        ]
+        if new:
+            self._insert(new, result)
+        return result
+
+    def _insert(self, new: list[tuple[str, dict[str, Any]]], result: InsertResult) -> None:
+        """Insert ``(frame_id, document)`` pairs; split the batch when one document makes the
+        database refuse all of them."""
+        from bson.errors import InvalidDocument
+        from pymongo.errors import BulkWriteError, OperationFailure
+
         try:
             # ordered=False: every document is tried, so one racing duplicate costs only itself.
-            collection.insert_many(docs, ordered=False)
+            self.dataset._sample_collection.insert_many([doc for _, doc in new], ordered=False)
         except BulkWriteError as err:
             details = err.details or {}
             if details.get("writeConcernErrors"):
                 raise  # inserted but not known to be journaled: not durable, so not stored
             failed = {e["index"]: e for e in details.get("writeErrors", [])}
-            others = [e for e in failed.values() if e.get("code") != DUPLICATE_KEY]
-            if others:
+            if any(e.get("code") not in CONTENT_ERROR_CODES | {DUPLICATE_KEY} for e in failed.values()):
                 raise
-            raced = [new[i][0].frame_id for i in sorted(failed)]
-            logger.info("%d frame(s) were inserted by another writer meanwhile: %s", len(raced), raced[:5])
-            duplicates.extend(raced)
-            stored = [record.frame_id for i, (record, _) in enumerate(new) if i not in failed]
-            return stored, duplicates
-        return [record.frame_id for record, _ in new], duplicates
+            raced = [new[i][0] for i, e in sorted(failed.items()) if e.get("code") == DUPLICATE_KEY]
+            if raced:
+                logger.info("%d frame(s) were inserted by another writer meanwhile: %s", len(raced), raced[:5])
+            result.duplicates.extend(raced)
+            for i, e in sorted(failed.items()):
+                if e.get("code") != DUPLICATE_KEY:
+                    result.refused[new[i][0]] = _reason(e.get("code"), e.get("errmsg", ""))
+            result.stored.extend(fid for i, (fid, _) in enumerate(new) if i not in failed)
+            return
+        except (OperationFailure, InvalidDocument) as err:
+            if not is_content_error(err):
+                raise
+            if len(new) == 1:
+                result.refused[new[0][0]] = _reason(getattr(err, "code", None), str(err))
+                return
+            logger.warning("the database refused a batch of %d samples (%s); splitting it", len(new), err)
+            half = len(new) // 2
+            self._insert(new[:half], result)
+            self._insert(new[half:], result)
+            return
+        result.stored.extend(fid for fid, _ in new)
 
     def existing_ids(self, frame_ids: Iterable[str]) -> set[str]:
         """Which of ``frame_ids`` already have a sample (one indexed query)."""
@@ -207,6 +297,20 @@ class Inbox:
             return set()
         cursor = self.dataset._sample_collection.find({"frame_id": {"$in": ids}}, {"frame_id": 1, "_id": 0})
         return {doc["frame_id"] for doc in cursor}
+
+    def stored(self, frame_ids: Iterable[str]) -> dict[str, StoredSample]:
+        """Device and image path of those of ``frame_ids`` that have a sample (one indexed query)."""
+        ids = list(frame_ids)
+        if not ids:
+            return {}
+        cursor = self.dataset._sample_collection.find(
+            {"frame_id": {"$in": ids}}, {"frame_id": 1, "device_id": 1, "filepath": 1, "_id": 0}
+        )
+        return {doc["frame_id"]: StoredSample(doc.get("device_id") or "", doc.get("filepath") or "") for doc in cursor}
+
+    def sample_files(self, frame_ids: Iterable[str]) -> dict[str, str]:
+        """The image path of each of ``frame_ids`` that has a sample (for the orphan sweep)."""
+        return {fid: sample.filepath for fid, sample in self.stored(frame_ids).items()}
 
     def count(self) -> int:
         return self.dataset._sample_collection.count_documents({})

@@ -134,6 +134,10 @@ class MediaStore(Protocol):
 
     def exists(self, frame_id: str, ext: str) -> bool: ...
 
+    def files_of(self, frame_id: str) -> list[Path]:
+        """The frame's files, whatever their extension (a frame id has one file at most, normally)."""
+        ...
+
     def delete(self, frame_id: str, ext: str) -> bool:
         """Remove the frame's file; False if there was none."""
         ...
@@ -293,6 +297,11 @@ class LocalMediaStore:
 
     def exists(self, frame_id: str, ext: str) -> bool:
         return self.path_for(frame_id, ext).is_file()
+
+    def files_of(self, frame_id: str) -> list[Path]:
+        """The frame's files under every extension the store writes (one ``stat`` per media type:
+        they share a folder, as the folder depends on the frame id only)."""
+        return [path for ext in EXTENSIONS.values() if (path := self.path_for(frame_id, ext)).is_file()]
 
     def delete(self, frame_id: str, ext: str) -> bool:
         path = self.path_for(frame_id, ext)

@@ -6,6 +6,10 @@ RETRY), leaves the file without a sample. Normally the agent resends the frame a
 adopted; a frame that never comes back (its device was wiped, or its outbox evicted it) leaves
 the file behind for good. ``edgeloop server media sweep`` removes those.
 
+A file is kept only when its frame id has a sample *and* that sample points at this very file
+(by name): a frame resent with another media type after a failed attempt leaves a file of the
+first type beside the one its sample points at, and that one goes too.
+
 Safety with a running server: only files older than ``min_age_s`` are considered (a frame is
 between its write and its insert for milliseconds). Each candidate is first *moved* into
 ``<root>/.orphans`` (atomic), then, after ``grace_s``, the database is asked again: a sample that
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,9 @@ logger = logging.getLogger(__name__)
 #: Where candidates wait for the re-check, inside the media root (same file system: atomic moves).
 QUARANTINE = ".orphans"
 _BATCH = 500
+
+#: Which of the given frame ids have a sample, and the path of each one's image (``Inbox.sample_files``).
+SampleFiles = Callable[[Iterable[str]], Mapping[str, str]]
 
 
 @dataclass
@@ -57,17 +64,17 @@ def media_files(store: LocalMediaStore, min_age_s: float) -> Iterator[tuple[str,
 
 def sweep_orphans(
     store: LocalMediaStore,
-    existing_ids: Callable[[Iterable[str]], set[str]],
+    sample_files: SampleFiles,
     *,
     min_age_s: float = 24 * 3600.0,
     grace_s: float = 30.0,
     dry_run: bool = False,
 ) -> SweepResult:
-    """Remove the images older than ``min_age_s`` whose frame id has no sample.
+    """Remove the images older than ``min_age_s`` that no sample points at.
 
     Args:
         store: The media store.
-        existing_ids: Which of the given frame ids have a sample (``Inbox.existing_ids``).
+        sample_files: Which of the given frame ids have a sample, and its image's path.
         min_age_s: Files written more recently are left alone.
         grace_s: Time between moving candidates aside and asking the database again.
         dry_run: Only report what would be removed.
@@ -81,11 +88,11 @@ def sweep_orphans(
     quarantine = store.root / QUARANTINE
     quarantine.mkdir(exist_ok=True)
     # A sweep that stopped half-way left files in quarantine: they are candidates again.
-    moved: dict[str, tuple[Path, Path]] = {}
+    moved: dict[str, tuple[str, Path, Path]] = {}  # file name -> (frame id, where it waits, its home)
     for aside in quarantine.iterdir():
         stem, _, ext = aside.name.rpartition(".")
         try:
-            moved[stem] = (aside, store.path_for(stem, ext))
+            moved[aside.name] = (stem, aside, store.path_for(stem, ext))
         except ValueError:  # not a file a sweep put there: leave it
             logger.warning("ignoring %s: not a media file name", aside)
     batch: list[tuple[str, Path]] = []
@@ -93,19 +100,19 @@ def sweep_orphans(
         result.scanned += 1
         batch.append(item)
         if len(batch) >= _BATCH:
-            _set_aside(batch, existing_ids, quarantine, moved, result, dry_run)
+            _set_aside(batch, sample_files, quarantine, moved, result, dry_run)
             batch = []
-    _set_aside(batch, existing_ids, quarantine, moved, result, dry_run)
+    _set_aside(batch, sample_files, quarantine, moved, result, dry_run)
     if dry_run or not moved:
         return result
     fsync_dir(quarantine)
     time.sleep(grace_s)
-    ids = list(moved)
-    adopted: set[str] = set()
+    ids = sorted({frame_id for frame_id, _, _ in moved.values()})
+    adopted: dict[str, str] = {}
     for i in range(0, len(ids), _BATCH):
-        adopted |= existing_ids(ids[i : i + _BATCH])
-    for frame_id, (aside, home) in moved.items():
-        if frame_id in adopted:
+        adopted.update(sample_files(ids[i : i + _BATCH]))
+    for name, (frame_id, aside, home) in sorted(moved.items()):
+        if _points_at(adopted.get(frame_id), name):
             if not home.exists():
                 os.replace(aside, home)
                 fsync_dir(home.parent)
@@ -120,23 +127,28 @@ def sweep_orphans(
     return result
 
 
+def _points_at(filepath: str | None, name: str) -> bool:
+    # By name, not by whole path: the media root may have been moved or mounted elsewhere since.
+    return filepath is not None and Path(filepath).name == name
+
+
 def _set_aside(
     batch: list[tuple[str, Path]],
-    existing_ids: Callable[[Iterable[str]], set[str]],
+    sample_files: SampleFiles,
     quarantine: Path,
-    moved: dict[str, tuple[Path, Path]],
+    moved: dict[str, tuple[str, Path, Path]],
     result: SweepResult,
     dry_run: bool,
 ) -> None:
     if not batch:
         return
-    stored = existing_ids(fid for fid, _ in batch)
+    stored = sample_files(sorted({fid for fid, _ in batch}))
     for frame_id, path in batch:
-        if frame_id in stored:
+        if _points_at(stored.get(frame_id), path.name):
             continue
         if dry_run:
             result.orphans.append(path)
             continue
         aside = quarantine / path.name
         os.replace(path, aside)
-        moved[frame_id] = (aside, path)
+        moved[path.name] = (frame_id, aside, path)

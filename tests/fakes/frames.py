@@ -22,6 +22,21 @@ def jpeg(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
     return buf.tobytes()
 
 
+def photo(seed: int = 0, width: int = 640, height: int = 480, ext: str = ".jpg", params: Sequence[int] = ()) -> bytes:
+    """A real image that compresses like a photo: coloured rectangles plus noise, encoded by OpenCV."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    for _ in range(30):
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        cv2.rectangle(image, p1, p2, color, -1)
+    image = cv2.add(image, rng.integers(0, 20, image.shape, dtype=np.uint8))
+    ok, buf = cv2.imencode(ext, image, list(params))
+    assert ok
+    return buf.tobytes()
+
+
 def make_frame(
     i: int = 0,
     *,

@@ -637,3 +637,17 @@ def test_cli_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
     missing = CliRunner().invoke(devices_app, ["list", "--config", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "cannot read" in missing.stderr
+
+
+def test_the_broker_config_lines_carry_per_client_limits_mosquitto_accepts(
+    tmp_path: Path, mosquitto_factory: Callable[..., MosquittoBroker]
+) -> None:
+    """What ``mosquitto-files`` prints bounds what one client may cost the broker, and a real
+    Mosquitto starts with it (an unknown option would stop it)."""
+    reg = DeviceRegistry(DevicesConfig(root=tmp_path / "devices"))
+    lines = reg.write_mosquitto_files().conf_lines()
+    for option in ("max_packet_size 16842752", "max_queued_messages 10000", "max_keepalive 300"):
+        assert option in lines
+    assert "persistent_client_expiration 7d" in lines and "max_queued_bytes" in lines
+    broker = mosquitto_factory(extra_conf=lines)
+    assert broker.running

@@ -9,7 +9,7 @@ TLS identities and heartbeats. The MQTT bridge's tests reuse the fake and the fr
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import socket
@@ -40,7 +40,7 @@ from server.ingest.grpc_service import (
     ServerTLSConfig,
     build_grpc_server,
 )
-from server.ingest.heartbeats import FILE_NAME, HeartbeatStore
+from server.ingest.heartbeats import FILE_NAME, HeartbeatStore, read_fleet
 from server.metrics import ServerMetrics
 from tests.fakes.frames import jpeg
 from tests.fakes.frames import make_frame as shared_make_frame
@@ -279,14 +279,8 @@ def start_server(
     ingestor = ingestor if ingestor is not None else FakeIngestor()
     metrics = metrics if metrics is not None else ServerMetrics()
     heartbeats = HeartbeatStore.in_dir(tmp_path / "data", flush_interval_s=0.05)
-    servicer = IngestServicer(
-        ingestor,
-        metrics=metrics,
-        heartbeats=heartbeats,
-        devices=devices,  # type: ignore[arg-type]
-        max_outstanding_per_stream=int(config.pop("max_outstanding_per_stream", 256)),  # type: ignore[call-overload]
-    )
     cfg = GrpcServerConfig(port=0, **config)  # type: ignore[arg-type]
+    servicer = IngestServicer.from_config(ingestor, cfg, metrics=metrics, heartbeats=heartbeats, devices=devices)
     server, port = build_grpc_server(cfg, [servicer.add_to_server, *extra])
     server.start()
     return Server(ingestor, metrics, heartbeats, server, port)
@@ -374,12 +368,13 @@ def test_a_cancelled_stream_frees_its_reader_and_the_server_goes_on(tmp_path: Pa
 def test_streams_over_max_concurrent_streams_are_refused_not_queued(tmp_path: Path) -> None:
     s = start_server(tmp_path, FakeIngestor(hold=True), max_workers=2, max_concurrent_streams=2)
     try:
-        senders = [threading.Thread(target=s.transport().send, args=(frames(1),)) for _ in range(2)]
+        # Two devices: one device alone may hold only one of the two slots (max_streams_per_device).
+        senders = [threading.Thread(target=s.transport(d).send, args=(frames(1, device=d),)) for d in (DEVICE, OTHER)]
         for t in senders:
             t.start()
         wait_for(lambda: s.ingestor.held == 2, what="two streams in progress")
         with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED"):
-            s.transport().send(frames(1))
+            s.transport("dev-c").send(frames(1, device="dev-c"))
         s.ingestor.release()
         for t in senders:
             t.join(10)
@@ -394,8 +389,7 @@ def test_heartbeat_is_stored_persisted_and_counted(srv: Server, tmp_path: Path) 
     assert srv.heartbeats.latest(DEVICE) == status
     assert srv.metrics.registry.get_sample_value("edgeloop_server_heartbeats_total") == 1
     srv.heartbeats.flush()
-    saved = json.loads((tmp_path / "data" / FILE_NAME).read_text())
-    assert saved["devices"][DEVICE]["status"]["outbox_depth"] == 3
+    assert read_fleet(tmp_path / "data")[DEVICE].status.outbox_depth == 3
 
 
 def test_extra_servicers_share_the_port(tmp_path: Path) -> None:
@@ -796,12 +790,13 @@ def test_heartbeat_store_keeps_the_newest_and_survives_a_restart(tmp_path: Path)
 def test_heartbeat_store_writes_at_most_once_per_interval(tmp_path: Path) -> None:
     store = HeartbeatStore.in_dir(tmp_path, flush_interval_s=0.3)
     store.record(DeviceStatus(DEVICE, 1.0, "m", 0, 0))
-    path = tmp_path / FILE_NAME
-    first = path.stat().st_mtime_ns
+
+    def saved_time() -> float:
+        return read_fleet(tmp_path)[DEVICE].status.time
+
     store.record(DeviceStatus(DEVICE, 2.0, "m", 0, 0))
-    assert json.loads(path.read_text())["devices"][DEVICE]["status"]["time"] == 1.0  # not yet
-    wait_for(lambda: json.loads(path.read_text())["devices"][DEVICE]["status"]["time"] == 2.0, 3.0, "the timer")
-    assert path.stat().st_mtime_ns >= first
+    assert saved_time() == 1.0  # not yet
+    wait_for(lambda: saved_time() == 2.0, 3.0, "the timer")
     store.close()
 
 
@@ -819,7 +814,7 @@ def test_heartbeat_store_ignores_a_corrupt_file(tmp_path: Path, caplog: pytest.L
 
 
 class MemoryInbox:
-    """The two inbox calls IngestCore makes, in memory; ``down`` makes them fail like a lost MongoDB."""
+    """The inbox calls IngestCore makes, in memory; ``down`` makes them fail like a lost MongoDB."""
 
     def __init__(self) -> None:
         self.samples: dict[str, tuple[FrameRecord, Path]] = {}
@@ -833,23 +828,32 @@ class MemoryInbox:
             raise ServerSelectionTimeoutError("test: database down")
 
     def existing_ids(self, frame_ids: Iterable[str]) -> set[str]:
+        return set(self.stored(frame_ids))
+
+    def stored(self, frame_ids: Iterable[str]) -> dict[str, Any]:
+        from server.store.inbox import StoredSample
+
         self._check()
         with self._lock:
-            return {fid for fid in frame_ids if fid in self.samples}
+            return {
+                fid: StoredSample(self.samples[fid][0].device_id, str(self.samples[fid][1]))
+                for fid in frame_ids
+                if fid in self.samples
+            }
 
-    def add_records(
-        self, items: Iterable[tuple[FrameRecord, Path]], *, check_existing: bool = True
-    ) -> tuple[list[str], list[str]]:
+    def insert_records(self, items: Iterable[tuple[FrameRecord, Path]], *, check_existing: bool = True) -> Any:
+        from server.store.inbox import InsertResult
+
         self._check()
-        stored, duplicates = [], []
+        result = InsertResult()
         with self._lock:
             for record, path in items:
                 if record.frame_id in self.samples:
-                    duplicates.append(record.frame_id)
+                    result.duplicates.append(record.frame_id)
                 else:
                     self.samples[record.frame_id] = (record, path)
-                    stored.append(record.frame_id)
-        return stored, duplicates
+                    result.stored.append(record.frame_id)
+        return result
 
 
 def real_core(tmp_path: Path, metrics: ServerMetrics, devices: set[str] | None = None) -> tuple[Any, MemoryInbox]:
@@ -901,3 +905,76 @@ def test_through_the_real_core_a_database_outage_is_answered_retry(tmp_path: Pat
     finally:
         s.close()
         core.close()
+
+
+# -- per-device fairness and idle streams (issue 9) -------------------------------------------------
+
+
+def test_peek_device_id_reads_field_2_without_parsing() -> None:
+    from server.ingest.grpc_service import peek_device_id
+
+    _, payload = make_frame(0, device="dev-x")
+    assert peek_device_id(payload) == "dev-x"
+    no_frame_id = frames_pb2.FrameUpload(device_id="dev-y", sequence=3).SerializeToString()
+    assert peek_device_id(no_frame_id) == "dev-y"
+    for junk in (b"", b"\xff\xff\xff", payload[:5], b"\x12\x05\xff\xfe\xfd\xfc\xfb"):
+        assert peek_device_id(junk) == ""
+
+
+def _held_streams(s: Server, n: int, first: bytes | None) -> list[tuple[grpc.Future, threading.Event]]:
+    """``n`` upload calls that send ``first`` (or nothing) and stay open; acks are read as they come."""
+    channel = grpc.insecure_channel(s.target)
+    s.channels.append(channel)
+    out = []
+    for _ in range(n):
+        done = threading.Event()
+
+        def requests(done: threading.Event = done) -> Iterator[bytes]:
+            if first is not None:
+                yield first
+            done.wait(30)
+
+        call = channel.stream_stream(
+            UPLOAD_METHOD, request_serializer=lambda b: b, response_deserializer=frames_pb2.FrameAck.FromString
+        )(requests(), timeout=30)
+        threading.Thread(target=_drain, args=(call,), daemon=True).start()
+        out.append((call, done))
+    return out
+
+
+def _open(calls: list) -> list:
+    return [c for c, _ in calls if not c.done()]
+
+
+def test_a_device_holds_at_most_max_streams_per_device_and_idle_streams_end(tmp_path: Path) -> None:
+    """Without certificates a stream counts for the device its first frame names; one past the cap
+    is ended with UNAVAILABLE (which agents retry), another device still gets through, and
+    streams that stay idle (with a frame sent, or none) end after stream_idle_timeout_s."""
+    s = start_server(tmp_path, FakeIngestor(), max_streams_per_device=2, stream_idle_timeout_s=1.0)
+    try:
+        calls = _held_streams(s, 5, make_frame(0)[1])
+        wait_for(lambda: len(_open(calls)) == 2, what="three streams refused")
+        refused = [c for c, _ in calls if c.done()]
+        assert {c.code() for c in refused} == {grpc.StatusCode.UNAVAILABLE}
+        assert "already holds 2 upload streams" in refused[0].details()
+        assert [a.status for a in s.transport(OTHER).send(frames(1, device=OTHER))] == [AckStatus.STORED]
+        accepted = _open(calls)
+        wait_for(lambda: not _open(calls), 4.0, "the idle streams to end")
+        assert {c.code() for c in accepted} == {grpc.StatusCode.UNAVAILABLE}
+        assert all("idle stream was closed" in c.details() for c in accepted)
+        silent = _held_streams(s, 3, None)
+        wait_for(lambda: not _open(silent), 4.0, "streams that never sent a frame to end")
+        assert {c.code() for c, _ in silent} == {grpc.StatusCode.UNAVAILABLE}
+        # Slots came back: the device may stream again.
+        assert [a.status for a in s.transport().send(frames(2))] == [AckStatus.STORED] * 2
+        for _, done in calls + silent:
+            done.set()
+    finally:
+        s.close()
+
+
+def _drain(call: grpc.Call) -> None:
+    # A call's status shows only once the messages before it are read.
+    with contextlib.suppress(grpc.RpcError):
+        for _ in call:
+            pass

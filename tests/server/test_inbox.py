@@ -294,3 +294,68 @@ def test_trigger_names_known_to_the_server_are_the_agents() -> None:
     from edgeloop.domain import TRIGGER_NAMES
 
     assert [t.value for t in Trigger] == list(TRIGGER_NAMES)
+
+
+# -- documents the database refuses ----------------------------------------------------------------
+
+
+def _worst_case(config) -> object:
+    """A frame at every limit of ``config`` at once, with 4-byte UTF-8 characters in every string."""
+    import dataclasses
+
+    import numpy as np
+
+    from edgeloop.domain import Detection, Reason
+
+    wide = "\U0001f600"  # 4 bytes in UTF-8
+    names = [wide * config.max_name_chars] * 3
+    per_detection = config.max_class_scores // config.max_detections
+    scores = np.full(per_detection, 0.123456789, np.float64)
+    det = Detection((1.0, 1.0, 600.0, 400.0), 0, names[0], 0.5, scores)
+    return dataclasses.replace(
+        make_record(),
+        device_id="d" * 64,
+        source_id=wide * config.max_name_chars,
+        model_version=wide * config.max_name_chars,
+        reasons=[
+            Reason(wide * config.max_name_chars + str(i), 0.5, wide * config.max_detail_chars)
+            for i in range(config.max_reasons)
+        ],
+        detections=[det] * config.max_detections,
+        class_names=names,
+        embedding=np.full(config.max_embedding, 0.5, np.float32),
+    )
+
+
+def test_the_largest_valid_frame_makes_a_document_within_the_bound() -> None:
+    """``ValidationConfig.max_document_bytes`` holds for a real document of a frame at every limit."""
+    import bson
+    from bson import ObjectId
+
+    from server.ingest.validation import MONGO_MAX_DOCUMENT_BYTES, ValidationConfig
+
+    config = ValidationConfig()
+    record = _worst_case(config)
+    doc = Inbox()._document(record, Path("/" + "p" * 4000 + "/x.jpg"), ObjectId(), datetime.now())
+    size = len(bson.encode(doc))
+    assert 0.5 * config.max_document_bytes() < size <= config.max_document_bytes() < MONGO_MAX_DOCUMENT_BYTES
+
+
+def test_a_batch_with_a_document_the_database_refuses_is_split_and_the_others_stored(
+    inbox: Inbox, tmp_path: Path
+) -> None:
+    from edgeloop.domain import Reason
+    from server.store.inbox import SamplesRefused
+
+    good, good2 = make_record(), make_record()
+    big = make_record(reasons=[Reason("x" * 8_500_000, 0.5)])  # stored twice (reasons, tags): 17 MB
+    items = [(r, tmp_path / f"{r.frame_id}.jpg") for r in (good, big, good2)]
+    result = inbox.insert_records(items)
+    assert sorted(result.stored) == sorted([good.frame_id, good2.frame_id]) and result.duplicates == []
+    assert list(result.refused) == [big.frame_id] and "code 10334" in result.refused[big.frame_id]
+    assert inbox.existing_ids([good.frame_id, big.frame_id, good2.frame_id]) == {good.frame_id, good2.frame_id}
+    assert inbox.stored([good.frame_id])[good.frame_id].device_id == good.device_id
+    other = make_record(reasons=[Reason("y" * 8_500_000, 0.5)])
+    with pytest.raises(SamplesRefused) as info:
+        inbox.add_records([(other, tmp_path / "o.jpg")])
+    assert list(info.value.result.refused) == [other.frame_id]

@@ -71,16 +71,16 @@ def test_valid_frame_is_stored_durably(
     core: IngestCore, media: LocalMediaStore, inbox: Inbox, metrics: ServerMetrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     record = make_record()
-    real_add = inbox.add_records
+    real_insert = inbox.insert_records
     seen_at_insert: list[bool] = []
 
-    def add_records_checking_media(items, **kwargs):
+    def insert_records_checking_media(items, **kwargs):
         items = list(items)
         # The order of effects: every image is on disk before its sample is written.
         seen_at_insert.extend(path.read_bytes() == rec.image for rec, path in items)
-        return real_add(items, **kwargs)
+        return real_insert(items, **kwargs)
 
-    monkeypatch.setattr(inbox, "add_records", add_records_checking_media)
+    monkeypatch.setattr(inbox, "insert_records", insert_records_checking_media)
     ack = _ack(core.submit(payload_of(record), GRPC))
     assert ack == Ack(record.frame_id, AckStatus.STORED, "stored") and ack.durable
     assert seen_at_insert == [True]
@@ -361,3 +361,95 @@ def test_kill_9_during_upload_loses_no_acknowledged_frame(
     assert inbox.count() == CHILD_FRAMES
     assert len(_media_files(media)) == CHILD_FRAMES
     assert media.path_for(child_frame_id(5), "jpg").read_bytes() == make_record(seed=5).image
+
+
+# -- refused samples, other devices' ids, resends with another media type (issue 9) -----------------
+
+
+def _as_png(record, frame_id: str | None = None, device: str | None = None):
+    import dataclasses
+
+    image = jpeg_bytes(3, 320, 240, ".png")
+    return dataclasses.replace(
+        record,
+        frame_id=frame_id or record.frame_id,
+        device_id=device or record.device_id,
+        image=image,
+        media_type="image/png",
+        width=320,
+        height=240,
+        detections=[],
+    )
+
+
+def test_a_sample_the_database_refuses_is_rejected_its_file_removed_and_the_batch_stored(
+    media: LocalMediaStore, inbox: Inbox, metrics: ServerMetrics
+) -> None:
+    """Validation's limits keep valid frames far from MongoDB's 16 MB; with them lifted (built
+    without checks), a 1.3 M-score detection makes a 21 MB document. The database refuses it: that
+    frame is REJECTED and its image removed, the frames batched with it are stored."""
+    import dataclasses
+
+    import numpy as np
+
+    loose = ValidationConfig.model_construct(
+        **{**ValidationConfig().model_dump(), "max_classes": 10**7, "max_class_scores": 10**7}
+    )
+    good, good2 = make_record(), make_record()
+    big = make_record(class_names=[])
+    big = with_detection(big, 0, class_scores=np.full(1_300_000, 0.01, np.float32))
+    big = dataclasses.replace(big, detections=big.detections[:1])
+    with IngestCore(media, inbox, AllowAllDevices(), loose, metrics, batch_size=8, max_wait_s=0.3) as core:
+        futures = [core.submit(payload_of(r), GRPC) for r in (good, big, good2)]
+        acks = [_ack(f) for f in futures]
+    assert [a.status for a in acks] == [AckStatus.STORED, AckStatus.REJECTED, AckStatus.STORED]
+    assert acks[1].message.startswith("storage_refused: the database refused the sample")
+    assert inbox.existing_ids([good.frame_id, big.frame_id, good2.frame_id]) == {good.frame_id, good2.frame_id}
+    assert not media.exists(big.frame_id, "jpg") and len(_media_files(media)) == 2
+    assert _stored_count(metrics, "retry") == 0
+    labels = {"transport": "grpc", "reason": "storage_refused"}
+    assert metrics.registry.get_sample_value("edgeloop_server_frames_rejected_total", labels) == 1
+
+
+def test_a_frame_id_of_another_device_is_refused_and_writes_nothing(core: IngestCore, media: LocalMediaStore) -> None:
+    import dataclasses
+
+    owned = make_record()
+    assert _ack(core.submit(payload_of(owned), GRPC)).status == AckStatus.STORED
+    for squat in (dataclasses.replace(owned, device_id="cam-02"), _as_png(owned, device="cam-02")):
+        ack = _ack(core.submit(payload_of(squat), GRPC))
+        assert ack.status == AckStatus.REJECTED and ack.message.startswith("id_not_available: ")
+        assert "already" not in ack.message and "cam-01" not in ack.message
+    assert _ack(core.submit(payload_of(owned), GRPC)).status == AckStatus.DUPLICATE
+    assert [p.suffix for p in _media_files(media)] == [".jpg"]
+
+
+def test_a_resend_with_another_media_type_writes_no_file(core: IngestCore, media: LocalMediaStore) -> None:
+    first = make_record()
+    assert _ack(core.submit(payload_of(first), GRPC)).status == AckStatus.STORED
+    assert _ack(core.submit(payload_of(_as_png(first)), GRPC)).status == AckStatus.DUPLICATE
+    assert [p.suffix for p in _media_files(media)] == [".jpg"]
+    # Both at once (one batch): the copy follows the first and writes nothing.
+    twin = make_record()
+    acks = [_ack(f) for f in [core.submit(payload_of(twin), GRPC), core.submit(payload_of(_as_png(twin)), GRPC)]]
+    assert [a.status for a in acks] == [AckStatus.STORED, AckStatus.DUPLICATE]
+    assert sorted(p.suffix for p in _media_files(media)) == [".jpg", ".jpg"]
+
+
+def test_a_copy_stored_meanwhile_by_another_process_leaves_no_file_behind(
+    tmp_path: Path, inbox: Inbox, metrics: ServerMetrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ingest processes (workers) get one frame id at once, as JPEG and as PNG: each writes its
+    file before either sample exists; the unique index lets one insert, and the other removes its
+    file (the same id from another device is refused the same way)."""
+    first = make_record()
+    with IngestCore(LocalMediaStore(tmp_path / "media"), inbox, AllowAllDevices(), ValidationConfig(), metrics) as one:
+        assert _ack(one.submit(payload_of(first), GRPC)).status == AckStatus.STORED
+    other = LocalMediaStore(tmp_path / "media")
+    monkeypatch.setattr(other, "exists", lambda frame_id, ext: False)  # the JPEG not yet visible to it
+    with IngestCore(other, inbox, AllowAllDevices(), ValidationConfig(), metrics) as two:
+        late = _ack(two.submit(payload_of(_as_png(first)), GRPC))
+        squat = _ack(two.submit(payload_of(_as_png(make_record(), frame_id=first.frame_id, device="cam-9")), GRPC))
+    assert late.status == AckStatus.DUPLICATE
+    assert squat.status == AckStatus.REJECTED and squat.message.startswith("id_not_available")
+    assert [p.suffix for p in _media_files(other)] == [".jpg"]

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
@@ -42,17 +42,23 @@ def _store(tmp_path: Path) -> tuple[LocalMediaStore, dict[str, Path]]:
     return media, files
 
 
+def _jpgs(media: LocalMediaStore, keep: Callable[[str], bool]) -> Callable[[Iterable[str]], dict[str, str]]:
+    """A ``sample_files`` for ids that ``keep`` says have a sample, each pointing at its .jpg."""
+    return lambda ids: {i: str(media.path_for(i, "jpg")) for i in ids if keep(i)}
+
+
 def test_sweep_removes_only_old_files_without_a_sample(tmp_path: Path) -> None:
     media, files = _store(tmp_path)
     calls: list[list[str]] = []
 
-    def existing_ids(ids: Iterable[str]) -> set[str]:
+    def sample_files(ids: Iterable[str]) -> dict[str, str]:
         ids = list(ids)
         calls.append(ids)
         # "late" gets its sample while the sweep waits (a resend adopted the file just before).
-        return {i for i in ids if i.startswith("kept") or (len(calls) > 1 and i.startswith("late"))}
+        kept = [i for i in ids if i.startswith("kept") or (len(calls) > 1 and i.startswith("late"))]
+        return {i: str(media.path_for(i, "jpg")) for i in kept}
 
-    result = sweep_orphans(media, existing_ids, min_age_s=DAY, grace_s=0)
+    result = sweep_orphans(media, sample_files, min_age_s=DAY, grace_s=0)
     assert result.orphans == [files["old"]] and result.adopted == [files["late"]] and result.scanned == 3
     assert not files["old"].exists()
     assert files["kept"].read_bytes() == b"kept" and files["young"].exists() and files["late"].read_bytes() == b"late"
@@ -61,7 +67,7 @@ def test_sweep_removes_only_old_files_without_a_sample(tmp_path: Path) -> None:
 
 def test_dry_run_moves_nothing(tmp_path: Path) -> None:
     media, files = _store(tmp_path)
-    result = sweep_orphans(media, lambda ids: {i for i in ids if i.startswith("kept")}, min_age_s=DAY, dry_run=True)
+    result = sweep_orphans(media, _jpgs(media, lambda i: i.startswith("kept")), min_age_s=DAY, dry_run=True)
     assert sorted(result.orphans) == sorted([files["old"], files["late"]])
     assert all(p.exists() for p in files.values())
 
@@ -72,7 +78,7 @@ def test_an_interrupted_sweep_is_finished_by_the_next(tmp_path: Path) -> None:
     quarantine.mkdir()
     os.replace(files["old"], quarantine / files["old"].name)  # set aside, then the sweep died
     os.replace(files["late"], quarantine / files["late"].name)
-    result = sweep_orphans(media, lambda ids: {i for i in ids if not i.startswith("old")}, min_age_s=DAY, grace_s=0)
+    result = sweep_orphans(media, _jpgs(media, lambda i: not i.startswith("old")), min_age_s=DAY, grace_s=0)
     assert result.orphans == [files["old"]] and files["late"].read_bytes() == b"late"
     assert list(quarantine.iterdir()) == []
 
@@ -116,6 +122,16 @@ def test_a_foreign_file_in_quarantine_is_left_alone(tmp_path: Path) -> None:
     (media.root / QUARANTINE).mkdir()
     foreign = media.root / QUARANTINE / "notes.txt.bak~"
     foreign.write_text("someone's")
-    result = sweep_orphans(media, lambda ids: set(), min_age_s=DAY, grace_s=0)
+    result = sweep_orphans(media, lambda ids: {}, min_age_s=DAY, grace_s=0)
     assert sorted(result.orphans) == sorted([files["kept"], files["old"], files["late"]])
     assert foreign.read_text() == "someone's"
+
+
+def test_a_file_of_a_stored_frame_under_another_extension_is_swept(tmp_path: Path) -> None:
+    """The sweep compares each file with the file its sample points at, not only the frame id: a
+    .png left beside a stored frame's .jpg (a resend with another media type) is an orphan."""
+    media, files = _store(tmp_path)
+    stray = _aged(media.write_new(f"kept-{'0' * 10}", b"png", "png"), 2 * DAY)
+    result = sweep_orphans(media, _jpgs(media, lambda i: not i.startswith("old")), min_age_s=DAY, grace_s=0)
+    assert sorted(result.orphans) == sorted([files["old"], stray])
+    assert files["kept"].read_bytes() == b"kept" and not stray.exists()

@@ -19,6 +19,7 @@ from edgeloop.convert import frame_to_pb, serialize_frame
 from edgeloop.domain import Detection, FrameRecord, Reason
 from server.ingest.base import AllowAllDevices, FrameRejected, Identity, RejectCode
 from server.ingest.validation import ValidationConfig, validate
+from tests.fakes.frames import photo
 
 CLASS_NAMES = ["person", "car", "dog"]
 ANON = Identity(transport="grpc", device_id=None)
@@ -27,18 +28,7 @@ ANON = Identity(transport="grpc", device_id=None)
 @functools.lru_cache(maxsize=64)
 def jpeg_bytes(seed: int = 0, width: int = 640, height: int = 480, ext: str = ".jpg") -> bytes:
     """A real image (~50 KB as a 640x480 JPEG): coloured rectangles plus noise, so it compresses like a photo."""
-    rng = np.random.default_rng(seed)
-    image = np.zeros((height, width, 3), np.uint8)
-    for _ in range(30):
-        color = tuple(int(c) for c in rng.integers(0, 255, 3))
-        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        cv2.rectangle(image, p1, p2, color, -1)
-    image = cv2.add(image, rng.integers(0, 20, image.shape, dtype=np.uint8))
-    params = [cv2.IMWRITE_JPEG_QUALITY, 85] if ext == ".jpg" else []
-    ok, buf = cv2.imencode(ext, image, params)
-    assert ok
-    return buf.tobytes()
+    return photo(seed, width, height, ext, [cv2.IMWRITE_JPEG_QUALITY, 85] if ext == ".jpg" else [])
 
 
 def make_record(frame_id: str | None = None, *, seed: int = 0, detections: int = 5, **overrides) -> FrameRecord:
@@ -276,7 +266,7 @@ def test_bad_values(record: FrameRecord) -> None:
 
 def test_too_many_detections() -> None:
     err = rejected(payload_of(make_record(detections=5)), config=ValidationConfig(max_detections=4))
-    assert err.code is RejectCode.BAD_VALUE and "limit of 4" in str(err)
+    assert err.code is RejectCode.FIELD_LIMIT and "limit of 4" in str(err) and "detections" in str(err)
 
 
 def test_structure_mode_refuses_what_the_decoder_refuses_without_decoding(monkeypatch: pytest.MonkeyPatch):
@@ -316,3 +306,174 @@ def test_structure_mode_refuses_what_the_decoder_refuses_without_decoding(monkey
     # decode_images='full' decodes every image.
     validate(make_frame(device="cam", image=real)[1], ANON, AllowAllDevices(), ValidationConfig(decode_images="full"))
     assert decoded == [1]
+
+
+# -- image headers before any decode (WebP, PNG, JPEG) ---------------------------------------------
+
+
+def _webp(width: int, height: int, params: list[int], channels: int = 3) -> bytes:
+    ok, buf = cv2.imencode(".webp", np.zeros((height, width, channels), np.uint8) + 90, params)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("image", "chunk"),
+    [
+        pytest.param(_webp(321, 243, [cv2.IMWRITE_WEBP_QUALITY, 80]), b"VP8 ", id="lossy"),
+        pytest.param(_webp(321, 243, [cv2.IMWRITE_WEBP_QUALITY, 101]), b"VP8L", id="lossless"),
+        pytest.param(_webp(321, 243, [cv2.IMWRITE_WEBP_QUALITY, 80], 4), b"VP8X", id="extended-with-alpha"),
+    ],
+)
+def test_webp_size_is_read_from_its_header_and_checked_before_decoding(
+    image: bytes, chunk: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert image[12:16] == chunk
+    record = make_record(image=image, media_type="image/webp", width=321, height=243, detections=0)
+    assert validate(payload_of(record), ANON, AllowAllDevices(), ValidationConfig()).width == 321
+    decoded: list[int] = []
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(1))
+    err = rejected(payload_of(dataclasses.replace(record, width=160, height=120)))
+    assert err.code is RejectCode.BAD_IMAGE and "header says 321x243 but the frame declares 160x120" in str(err)
+    assert decoded == []  # refused from the header: nothing was decoded
+
+
+def test_the_decompression_bomb_is_refused_from_its_header() -> None:
+    """~10 KB of lossless WebP that decodes to 16383x16383 (the issue's bomb, from the fuzz corpus)."""
+    from bench.fuzz_ingest import bomb_image
+
+    bomb = bomb_image()
+    err = rejected(payload_of(make_record(image=bomb, media_type="image/webp", width=160, height=120, detections=0)))
+    assert "header says 16383x16383" in str(err)
+    honest = make_record(image=bomb, media_type="image/webp", width=16383, height=16383, detections=0)
+    assert "above the server's limit" in str(rejected(payload_of(honest)))
+
+
+def _webp_record(image: bytes) -> FrameRecord:
+    return make_record(image=image, media_type="image/webp", width=64, height=48, detections=0)
+
+
+def test_unreadable_or_animated_headers_are_refused() -> None:
+    png = jpeg_bytes(0, 64, 48, ".png")
+    no_ihdr = png[:12] + b"XXXX" + png[16:]
+    err = rejected(payload_of(make_record(image=no_ihdr, media_type="image/png", width=64, height=48, detections=0)))
+    assert "header is missing or unreadable" in str(err)
+    webp = bytearray(_webp(64, 48, [cv2.IMWRITE_WEBP_QUALITY, 80], 4))
+    assert webp[12:16] == b"VP8X"
+    webp[20] |= 0x02  # the animation flag
+    err = rejected(payload_of(_webp_record(bytes(webp))))
+    assert "animated" in str(err)
+    odd = bytearray(_webp(64, 48, [cv2.IMWRITE_WEBP_QUALITY, 80]))
+    odd[12:16] = b"JUNK"
+    err = rejected(payload_of(_webp_record(bytes(odd))))
+    assert "header is missing or unreadable" in str(err)
+
+
+def test_decodes_wait_for_the_pixel_budget_in_order() -> None:
+    import threading
+    import time
+
+    from server.ingest.validation import DecodeBudget
+
+    budget = DecodeBudget(100)
+    order: list[str] = []
+    with budget.reserve(60):
+
+        def take(name: str, pixels: int) -> None:
+            with budget.reserve(pixels):
+                order.append(name)
+
+        threads = [threading.Thread(target=take, args=("big", 80))]
+        threads[0].start()
+        time.sleep(0.05)
+        threads.append(threading.Thread(target=take, args=("small", 10)))  # would fit, but waits its turn
+        threads[1].start()
+        time.sleep(0.05)
+        assert order == []
+    for t in threads:
+        t.join(5)
+    assert order == ["big", "small"] and budget.peak <= 100
+    with pytest.raises(ValueError, match="exceed the decode budget"), budget.reserve(101):
+        pass
+
+
+# -- field limits --------------------------------------------------------------------------------------
+
+
+def _scores(n: int) -> np.ndarray:
+    return np.full(n, 0.1, np.float32)
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        pytest.param(make_record(source_id="s" * 129), "source_id is 129 characters", id="source_id"),
+        pytest.param(make_record(model_version="m" * 200), "model_version is 200 characters", id="model_version"),
+        pytest.param(make_record(reasons=[Reason("t" * 8_500_000, 0.5)]), "reasons[0].trigger", id="trigger"),
+        pytest.param(make_record(reasons=[Reason("margin", 0.5, "d" * 1025)]), "reasons[0].detail", id="detail"),
+        pytest.param(make_record(reasons=[Reason("margin", 0.5)] * 33), "reasons holds 33 entries", id="reasons"),
+        pytest.param(make_record(class_names=["c"] * 4097, detections=0), "class_names holds 4,097", id="names"),
+        pytest.param(make_record(class_names=["person", "c" * 129, "dog"]), "class_names[1]", id="name-length"),
+        pytest.param(with_detection(make_record(), 0, class_scores=_scores(4)), "holds 4 scores but class_names 3"),
+        pytest.param(
+            with_detection(make_record(class_names=[]), 0, class_scores=_scores(1_300_000)),
+            "detections[0].class_scores holds 1,300,000 entries",
+            id="scores-without-names",
+        ),
+        pytest.param(
+            make_record(
+                class_names=[f"c{i}" for i in range(3000)],
+                detections=0,
+            ),
+            None,
+            id="3000-names-are-fine",
+        ),
+        pytest.param(make_record(embedding=np.zeros(4097, np.float32)), "embedding holds 4,097", id="embedding"),
+        pytest.param(make_record(detections=1001), "detections holds 1,001 entries", id="detections"),
+    ],
+)
+def test_a_field_over_its_limit_is_refused_naming_the_field(record: FrameRecord, field: str | None) -> None:
+    if field is None:
+        assert validate(payload_of(record), ANON, AllowAllDevices(), ValidationConfig())
+        return
+    err = rejected(payload_of(record))
+    assert err.code is RejectCode.FIELD_LIMIT and field in str(err)
+    assert not err.code.fatal_for_stream and err.frame_id == record.frame_id
+    assert len(str(err)) < 1000
+
+
+def test_class_scores_of_all_detections_together_are_limited() -> None:
+    det = Detection((1.0, 1.0, 20.0, 20.0), 0, "c0", 0.5, _scores(3000))
+    record = make_record(class_names=[f"c{i}" for i in range(3000)], detections=0)
+    ok = dataclasses.replace(record, detections=[det] * 66)  # 198,000 scores
+    assert validate(payload_of(ok), ANON, AllowAllDevices(), ValidationConfig())
+    err = rejected(payload_of(dataclasses.replace(record, detections=[det] * 67)))
+    assert err.code is RejectCode.FIELD_LIMIT and "class_scores (all detections) holds 201,000" in str(err)
+
+
+def test_an_embedding_must_be_finite() -> None:
+    emb = np.ones(16, np.float32)
+    emb[3] = np.nan
+    err = rejected(payload_of(make_record(embedding=emb)))
+    assert err.code is RejectCode.BAD_VALUE and "embedding" in str(err)
+    longest = make_record(embedding=np.ones(4096, np.float32))
+    assert validate(payload_of(longest), ANON, AllowAllDevices(), ValidationConfig()).embedding is not None
+
+
+def test_the_limits_keep_a_sample_below_mongodbs_document_limit() -> None:
+    from pydantic import ValidationError
+
+    from server.ingest.validation import MONGO_MAX_DOCUMENT_BYTES
+
+    assert ValidationConfig().max_document_bytes() < MONGO_MAX_DOCUMENT_BYTES // 3
+    with pytest.raises(ValidationError, match="document limit"):
+        ValidationConfig(max_class_scores=2_000_000)
+    with pytest.raises(ValidationError, match="max_decode_pixels"):
+        ValidationConfig(max_decode_pixels=1_000_000)
+
+
+def test_an_id_or_media_type_of_a_megabyte_is_clipped_in_the_message() -> None:
+    err = rejected(payload_of(make_record(device_id="d" * 1_000_000)), devices=Devices("cam-01"))
+    assert err.code is RejectCode.UNKNOWN_DEVICE and "1,000,000 characters" in str(err) and len(str(err)) < 400
+    err = rejected(payload_of(make_record(media_type="image/" + "x" * 1_000_000, detections=0)))
+    assert err.code is RejectCode.BAD_IMAGE and len(str(err)) < 400
