@@ -258,12 +258,20 @@ def _read_acks(call: grpc.Call) -> tuple[list[Ack], list[grpc.RpcError]]:
     return acks, []
 
 
-#: Statuses with which a receiver refuses what was sent, not the moment it was sent in.
-_PERMANENT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
-
-
 def _is_permanent(err: grpc.RpcError) -> bool:
-    return isinstance(err, grpc.Call) and err.code() in _PERMANENT
+    """Whether the receiver refused what was sent, not the moment it was sent in.
+
+    RESOURCE_EXHAUSTED means either: bytes over the message limit ("... larger than max ...",
+    permanent for those bytes), or a server at its concurrent-call limit ("Concurrent RPC limit
+    exceeded", gRPC's own status for ``maximum_concurrent_rpcs``), which passes: those frames must be
+    retried, not set aside as dead letters.
+    """
+    if not isinstance(err, grpc.Call):
+        return False
+    code = err.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (err.details() or "")
 
 
 def _describe(err: grpc.RpcError) -> str:

@@ -417,6 +417,34 @@ def test_grpc_sends_frames_above_grpc_default_4mb_limit(grpc_receiver: GrpcTestR
         transport.close()
 
 
+def test_grpc_too_large_is_permanent_but_a_saturated_server_is_not() -> None:
+    """RESOURCE_EXHAUSTED covers both: the agent sets aside bytes the receiver can never take, and
+    retries frames a busy server turned away (gRPC's "Concurrent RPC limit exceeded")."""
+    with GrpcTestReceiver(max_message_bytes=64 * 1024) as small:
+        transport = GrpcTransport(GrpcTransportConfig(target=small.target), DEVICE)
+        try:
+            with pytest.raises(TransportError) as too_large:
+                transport.send([frame(0, size=256 * 1024)])
+        finally:
+            transport.close()
+    assert too_large.value.permanent and "RESOURCE_EXHAUSTED" in str(too_large.value)
+
+    with GrpcTestReceiver(max_concurrent_rpcs=1, delay_s=1.5) as busy:
+        holder = GrpcTransport(GrpcTransportConfig(target=busy.target), DEVICE)
+        other = GrpcTransport(GrpcTransportConfig(target=busy.target, deadline_s=5), DEVICE)
+        try:
+            slow = threading.Thread(target=holder.send, args=([frame(1)],))
+            slow.start()
+            time.sleep(0.5)  # the first call holds the only slot
+            with pytest.raises(TransportError) as saturated:
+                other.send([frame(2)])
+            slow.join()
+        finally:
+            holder.close()
+            other.close()
+    assert "RESOURCE_EXHAUSTED" in str(saturated.value) and not saturated.value.permanent
+
+
 @dataclass(frozen=True)
 class Pki:
     ca: Path

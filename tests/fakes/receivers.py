@@ -106,8 +106,10 @@ class GrpcTestReceiver:
         tls: ServerTLS | None = None,
         max_workers: int = 8,
         max_message_bytes: int | None = None,
+        max_concurrent_rpcs: int | None = None,
     ) -> None:
         self.port = port
+        self._max_concurrent_rpcs = max_concurrent_rpcs
         self.max_message_bytes = max_message_bytes or MAX_MESSAGE_BYTES
         self.delay_s = delay_s
         self.tls = tls
@@ -141,6 +143,7 @@ class GrpcTestReceiver:
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
+            maximum_concurrent_rpcs=self._max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers([self._handlers()])
         address = f"127.0.0.1:{self.port}"
