@@ -33,8 +33,8 @@ def run(
     from edge_agent.config import load_agent_config
     from edge_agent.detectors import DetectorError
     from edge_agent.sources import SourceError
-    from edgeloop.cli import setup_logging
     from edgeloop.config_base import ConfigError
+    from edgeloop.logs import setup_logging
 
     setup_logging(log_level)
     try:
@@ -113,8 +113,8 @@ def score(
     from edge_agent.detectors import DetectorConfig, DetectorError, create_detector
     from edge_agent.sources import SourceConfig, SourceError, open_source
     from edge_agent.triggers import TriggersConfig, UncertaintyScorer
-    from edgeloop.cli import setup_logging
     from edgeloop.config_base import ConfigError
+    from edgeloop.logs import setup_logging
 
     setup_logging("WARNING")
     triggers = TriggersConfig()

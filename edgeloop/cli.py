@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from edgeloop.logs import setup_logging
+
 app = typer.Typer(
     name="edgeloop",
     help="Edge-to-cloud active learning for object detection.",
@@ -16,13 +18,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def _register() -> None:

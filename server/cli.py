@@ -45,7 +45,7 @@ def run(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the server: gRPC ingest + registry, the MQTT bridge, the FiftyOne inbox (and App)."""
-    from edgeloop.cli import setup_logging
+    from edgeloop.logs import setup_logging
 
     setup_logging(log_level)
     cfg = _load_config(config)

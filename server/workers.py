@@ -82,7 +82,7 @@ def worker_main(
     config: ServerConfig, index: int, grpc_port: int, db_uri: str, log_level: int, conn: Connection
 ) -> None:
     """Entry point of worker ``index`` (a spawned process): serve until told to stop or orphaned."""
-    from edgeloop.cli import setup_logging
+    from edgeloop.logs import setup_logging
     from server.app import Server
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
