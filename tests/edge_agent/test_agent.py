@@ -358,6 +358,17 @@ def test_score_cli_prints_json_per_image():
         for reason in r["reasons"]:
             assert reason["trigger"] and isinstance(reason["detail"], str)
     assert any(r["reasons"] for r in rows), "no trigger fired on any COCO image"
+    # the closing summary (on stderr: stdout stays one JSON object per line) adds up the rows
+    kept = sum(r["keep"] for r in rows)
+    fired: dict[str, int] = {}
+    for r in rows:
+        for reason in r["reasons"]:
+            fired[reason["trigger"]] = fired.get(reason["trigger"], 0) + 1
+    summary = res.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"kept {kept} of {len(rows)} frames; triggers fired: ")
+    assert all(f"{name} {n}" in summary for name, n in fired.items())
+    # unrelated photos are not a stream: nothing compares a photo with the one before
+    assert not {"novelty", "flicker", "count_jump"} & set(fired)
 
 
 def test_bad_config_gives_a_clear_cli_error(tmp_path):
