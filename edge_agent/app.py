@@ -310,6 +310,7 @@ class Agent:
             source_id=frame.source_id,
             class_names=class_names,
             embedding=output.embedding,
+            source_name=frame.name,
         )
         try:
             result = self.outbox.put(record.frame_id, serialize_frame(record), verdict.score)

@@ -73,6 +73,7 @@ def frame_to_pb(rec: FrameRecord) -> pb.FrameUpload:
         source_id=rec.source_id,
         class_names=rec.class_names,
         embedding=[] if rec.embedding is None else np.asarray(rec.embedding, dtype=np.float32).ravel().tolist(),
+        source_name=rec.source_name,
     )
 
 
@@ -93,6 +94,7 @@ def frame_from_pb(msg: pb.FrameUpload) -> FrameRecord:
         source_id=msg.source_id,
         class_names=list(msg.class_names),
         embedding=np.asarray(msg.embedding, dtype=np.float32) if len(msg.embedding) else None,
+        source_name=msg.source_name,
     )
 
 

@@ -107,6 +107,8 @@ class FrameRecord:
     #: The model's image embedding of the frame (``float32``, as the model outputs it), or ``None``
     #: when the model exports none; see :mod:`edgeloop.embedding`.
     embedding: np.ndarray | None = None
+    #: Where the frame was at its source: a file name, or ``"<source_id>#<index>"`` in a stream.
+    source_name: str = ""
 
 
 class AckStatus:

@@ -50,6 +50,7 @@ def test_roundtrip_through_the_wire():
         source_id="gate",
         class_names=["person", "bicycle", "car"],
         embedding=np.array([0.6, 0.0, -0.8], np.float32),
+        source_name="gate#41",
     )
     wire = serialize_frame(rec)
     back = parse_frame(wire)
@@ -57,6 +58,7 @@ def test_roundtrip_through_the_wire():
     assert back.capture_time == pytest.approx(rec.capture_time, abs=1e-6)
     assert back.detections[0].class_scores.tolist() == pytest.approx([0.1, 0.2, 0.5])
     assert back.reasons[0].trigger == "confidence_band" and back.class_names == rec.class_names
+    assert back.source_name == "gate#41"
     assert back.embedding.dtype == np.float32 and back.embedding.tolist() == pytest.approx([0.6, 0.0, -0.8])
     rec.embedding = None
     assert parse_frame(serialize_frame(rec)).embedding is None  # no embedding stays no embedding

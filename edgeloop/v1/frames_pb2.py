@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64geloop/v1/frames.proto\x12\x0b\x65\x64geloop.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"z\n\tDetection\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.edgeloop.v1.Box\x12\x10\n\x08\x63lass_id\x18\x02 \x01(\x05\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x14\n\x0c\x63lass_scores\x18\x05 \x03(\x02\"O\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"8\n\x06Reason\x12\x0f\n\x07trigger\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xd9\x02\n\x0b\x46rameUpload\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x30\n\x0c\x63\x61pture_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12(\n\x05image\x18\x06 \x01(\x0b\x32\x19.edgeloop.v1.EncodedImage\x12*\n\ndetections\x18\x07 \x03(\x0b\x32\x16.edgeloop.v1.Detection\x12\x13\n\x0buncertainty\x18\x08 \x01(\x02\x12$\n\x07reasons\x18\t \x03(\x0b\x32\x13.edgeloop.v1.Reason\x12\x11\n\tsource_id\x18\n \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x0b \x03(\t\x12\x11\n\tembedding\x18\x0c \x03(\x02\"U\n\x08\x46rameAck\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.edgeloop.v1.AckStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xb6\x02\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x14\n\x0coutbox_depth\x18\x04 \x01(\x04\x12\x14\n\x0coutbox_bytes\x18\x05 \x01(\x04\x12\x39\n\x08\x63ounters\x18\x06 \x03(\x0b\x32\'.edgeloop.v1.DeviceStatus.CountersEntry\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"A\n\x0eHeartbeatReply\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x87\x01\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_STATUS_STORED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x12\x14\n\x10\x41\x43K_STATUS_RETRY\x10\x04\x32\x92\x01\n\x06Ingest\x12\x43\n\x0cUploadFrames\x12\x18.edgeloop.v1.FrameUpload\x1a\x15.edgeloop.v1.FrameAck(\x01\x30\x01\x12\x43\n\tHeartbeat\x12\x19.edgeloop.v1.DeviceStatus\x1a\x1b.edgeloop.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64geloop/v1/frames.proto\x12\x0b\x65\x64geloop.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"z\n\tDetection\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.edgeloop.v1.Box\x12\x10\n\x08\x63lass_id\x18\x02 \x01(\x05\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x14\n\x0c\x63lass_scores\x18\x05 \x03(\x02\"O\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"8\n\x06Reason\x12\x0f\n\x07trigger\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xee\x02\n\x0b\x46rameUpload\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x30\n\x0c\x63\x61pture_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12(\n\x05image\x18\x06 \x01(\x0b\x32\x19.edgeloop.v1.EncodedImage\x12*\n\ndetections\x18\x07 \x03(\x0b\x32\x16.edgeloop.v1.Detection\x12\x13\n\x0buncertainty\x18\x08 \x01(\x02\x12$\n\x07reasons\x18\t \x03(\x0b\x32\x13.edgeloop.v1.Reason\x12\x11\n\tsource_id\x18\n \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x0b \x03(\t\x12\x11\n\tembedding\x18\x0c \x03(\x02\x12\x13\n\x0bsource_name\x18\r \x01(\t\"U\n\x08\x46rameAck\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.edgeloop.v1.AckStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xb6\x02\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x14\n\x0coutbox_depth\x18\x04 \x01(\x04\x12\x14\n\x0coutbox_bytes\x18\x05 \x01(\x04\x12\x39\n\x08\x63ounters\x18\x06 \x03(\x0b\x32\'.edgeloop.v1.DeviceStatus.CountersEntry\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"A\n\x0eHeartbeatReply\x12/\n\x0bserver_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x87\x01\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_STATUS_STORED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x12\x14\n\x10\x41\x43K_STATUS_RETRY\x10\x04\x32\x92\x01\n\x06Ingest\x12\x43\n\x0cUploadFrames\x12\x18.edgeloop.v1.FrameUpload\x1a\x15.edgeloop.v1.FrameAck(\x01\x30\x01\x12\x43\n\tHeartbeat\x12\x19.edgeloop.v1.DeviceStatus\x1a\x1b.edgeloop.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICESTATUS_COUNTERSENTRY']._loaded_options = None
   _globals['_DEVICESTATUS_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_ACKSTATUS']._serialized_start=1208
-  _globals['_ACKSTATUS']._serialized_end=1343
+  _globals['_ACKSTATUS']._serialized_start=1229
+  _globals['_ACKSTATUS']._serialized_end=1364
   _globals['_BOX']._serialized_start=74
   _globals['_BOX']._serialized_end=127
   _globals['_DETECTION']._serialized_start=129
@@ -45,15 +45,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REASON']._serialized_start=334
   _globals['_REASON']._serialized_end=390
   _globals['_FRAMEUPLOAD']._serialized_start=393
-  _globals['_FRAMEUPLOAD']._serialized_end=738
-  _globals['_FRAMEACK']._serialized_start=740
-  _globals['_FRAMEACK']._serialized_end=825
-  _globals['_DEVICESTATUS']._serialized_start=828
-  _globals['_DEVICESTATUS']._serialized_end=1138
-  _globals['_DEVICESTATUS_COUNTERSENTRY']._serialized_start=1091
-  _globals['_DEVICESTATUS_COUNTERSENTRY']._serialized_end=1138
-  _globals['_HEARTBEATREPLY']._serialized_start=1140
-  _globals['_HEARTBEATREPLY']._serialized_end=1205
-  _globals['_INGEST']._serialized_start=1346
-  _globals['_INGEST']._serialized_end=1492
+  _globals['_FRAMEUPLOAD']._serialized_end=759
+  _globals['_FRAMEACK']._serialized_start=761
+  _globals['_FRAMEACK']._serialized_end=846
+  _globals['_DEVICESTATUS']._serialized_start=849
+  _globals['_DEVICESTATUS']._serialized_end=1159
+  _globals['_DEVICESTATUS_COUNTERSENTRY']._serialized_start=1112
+  _globals['_DEVICESTATUS_COUNTERSENTRY']._serialized_end=1159
+  _globals['_HEARTBEATREPLY']._serialized_start=1161
+  _globals['_HEARTBEATREPLY']._serialized_end=1226
+  _globals['_INGEST']._serialized_start=1367
+  _globals['_INGEST']._serialized_end=1513
 # @@protoc_insertion_point(module_scope)

@@ -72,7 +72,7 @@ class Reason(_message.Message):
     def __init__(self, trigger: _Optional[str] = ..., score: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class FrameUpload(_message.Message):
-    __slots__ = ("frame_id", "device_id", "capture_time", "sequence", "model_version", "image", "detections", "uncertainty", "reasons", "source_id", "class_names", "embedding")
+    __slots__ = ("frame_id", "device_id", "capture_time", "sequence", "model_version", "image", "detections", "uncertainty", "reasons", "source_id", "class_names", "embedding", "source_name")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class FrameUpload(_message.Message):
     SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
     frame_id: str
     device_id: str
     capture_time: _timestamp_pb2.Timestamp
@@ -97,7 +98,8 @@ class FrameUpload(_message.Message):
     source_id: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
     embedding: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, frame_id: _Optional[str] = ..., device_id: _Optional[str] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[EncodedImage, _Mapping]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., uncertainty: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., source_id: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
+    source_name: str
+    def __init__(self, frame_id: _Optional[str] = ..., device_id: _Optional[str] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[EncodedImage, _Mapping]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., uncertainty: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., source_id: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., embedding: _Optional[_Iterable[float]] = ..., source_name: _Optional[str] = ...) -> None: ...
 
 class FrameAck(_message.Message):
     __slots__ = ("frame_id", "status", "message")

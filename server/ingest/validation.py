@@ -100,7 +100,8 @@ class ValidationConfig(StrictModel):
     max_name_chars: int = Field(
         128,
         gt=0,
-        description="Longest source_id, model_version, class name (class_name, class_names) and reason trigger.",
+        description="Longest source_id, source_name, model_version, class name (class_name, class_names) and "
+        "reason trigger.",
     )
     max_detail_chars: int = Field(1024, gt=0, description="Longest reason detail.")
     max_reasons: int = Field(32, gt=0, description="Most reasons one frame may carry.")
@@ -130,7 +131,7 @@ class ValidationConfig(StrictModel):
     def max_document_bytes(self) -> int:
         """The largest sample document (BSON bytes) a frame within these limits can make."""
         name = 4 * self.max_name_chars
-        strings = 4 * (MAX_DEVICE_ID_CHARS + 2 * self.max_name_chars + 64)  # device, source, model, frame id
+        strings = 4 * (MAX_DEVICE_ID_CHARS + 3 * self.max_name_chars + 64)  # device, source, name, model, frame id
         reasons = self.max_reasons * (_DOC_PER_REASON_BYTES + 2 * name + 4 * self.max_detail_chars)
         detections = self.max_detections * (_DOC_PER_DETECTION_BYTES + name)
         floats = _DOC_PER_FLOAT_BYTES * (self.max_class_scores + self.max_embedding)
@@ -412,6 +413,7 @@ def _check_fields(rec: FrameRecord, config: ValidationConfig) -> None:
     names = config.max_name_chars
     checks = [
         _too_long("source_id", rec.source_id, names, fid),
+        _too_long("source_name", rec.source_name, names, fid),
         _too_long("model_version", rec.model_version, names, fid),
         _too_many("reasons", len(rec.reasons), config.max_reasons, fid),
         _too_many("class_names", len(rec.class_names), config.max_classes, fid),

@@ -574,6 +574,8 @@ def test_the_model_embedding_travels_with_each_kept_frame(tmp_path):
     records = _kept_records(_config(tmp_path, detector={"type": "onnxruntime", "model": str(model)}))
     assert len(records) == 4
     assert all(r.embedding is not None and r.embedding.shape == (448,) for r in records)
+    # each frame says where it was at its source: here, the file name in the folder
+    assert sorted(r.source_name for r in records) == sorted(p.name for p in COCO_TRAIN.glob("*.jpg"))
     # same image, same embedding: the detector is deterministic
     direct = Agent(_config(tmp_path / "b", detector={"type": "onnxruntime", "model": str(model)}))
     try:

@@ -43,6 +43,7 @@ def test_add_records_stores_samples_with_all_fields(inbox: Inbox, tmp_path: Path
     assert sample is not None
     assert sample.filepath == str(path)
     assert sample.device_id == "cam-01" and sample.source_id == "front" and sample.model_version == "yolov8n-3"
+    assert sample.source_name == "front#1041"
     assert sample.sequence == 42
     assert sample.uncertainty == pytest.approx(0.7)
     assert sample.capture_time == datetime(2025, 11, 22, 8, 26, 40, 250000)  # UTC, millisecond precision

@@ -58,6 +58,7 @@ def make_record(frame_id: str | None = None, *, seed: int = 0, detections: int =
         reasons=[Reason("margin", 0.8, "car vs dog 0.05"), Reason("confidence_band", 0.5, "dog 0.41")],
         source_id="front",
         class_names=list(CLASS_NAMES),
+        source_name="front#1041",
     )
     return dataclasses.replace(record, **overrides)
 
@@ -408,6 +409,7 @@ def _scores(n: int) -> np.ndarray:
     ("record", "field"),
     [
         pytest.param(make_record(source_id="s" * 129), "source_id is 129 characters", id="source_id"),
+        pytest.param(make_record(source_name="n" * 129), "source_name is 129 characters", id="source_name"),
         pytest.param(make_record(model_version="m" * 200), "model_version is 200 characters", id="model_version"),
         pytest.param(make_record(reasons=[Reason("t" * 8_500_000, 0.5)]), "reasons[0].trigger", id="trigger"),
         pytest.param(make_record(reasons=[Reason("margin", 0.5, "d" * 1025)]), "reasons[0].detail", id="detail"),
