@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgeloop.synth.scenarios import get_scenario  # noqa: E402
 from edgeloop.synth.scenes import format_labels, iter_scenes, iter_video_frames  # noqa: E402
-from edgeloop.yolo_dataset import YoloDataset, YoloLabel, load_yolo_dataset  # noqa: E402
+from edgeloop.yolo_dataset import YoloDataset, load_yolo_dataset  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 BASE_PT = SHARED / "models" / "yolov8n_coco_dequant.pt"
@@ -151,46 +151,19 @@ def synthetic_data(work: Path, s: Settings, seed: int) -> tuple[Pool, Pool, Path
     return Pool("camera", camera, True), Pool("iid", iid, False), test_yaml, seed_images
 
 
-def _jitter(image: np.ndarray, labels: list[YoloLabel], rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """A camera's next frame of the same view: a small shift and zoom, a little sensor noise."""
-    h, w = image.shape[:2]
-    scale = float(rng.uniform(1.0, 1.08))
-    dx, dy = (float(v) for v in rng.uniform(-0.03, 0.03, 2))
-    m = np.array([[scale, 0, (1 - scale) * w / 2 + dx * w], [0, scale, (1 - scale) * h / 2 + dy * h]], np.float32)
-    out = cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT)
-    out = np.clip(out.astype(np.int16) + rng.normal(0, 3, out.shape).astype(np.int16), 0, 255).astype(np.uint8)
-    lines = []
-    for lab in labels:
-        x1, y1, x2, y2 = lab.xyxy(w, h)
-        x1, x2 = (np.clip(np.array([x1, x2]) * scale + m[0, 2], 0, w) / w).tolist()
-        y1, y2 = (np.clip(np.array([y1, y2]) * scale + m[1, 2], 0, h) / h).tolist()
-        if x2 - x1 > 2 / w and y2 - y1 > 2 / h:
-            lines.append(f"{lab.class_id} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}")
-    return out, "\n".join(lines) + ("\n" if lines else "")
-
-
 def real_data(data: YoloDataset, work: Path, s: Settings, seed: int) -> tuple[Pool, Pool, Path, list[Path]]:
-    """Pools from a YOLO data set's train split; its test split is the test set."""
+    """Pools from a YOLO data set's train split (the product's photo streams); its test split is the test set."""
+    from edgeloop.synth.photo_stream import write_photo_stream
+
     rng = np.random.default_rng(seed)
     train = list(data.split("train"))
     order = rng.permutation(len(train))
     seed_items = [train[i] for i in order[: s.seed_labels]]
     rest = [train[i] for i in order[s.seed_labels :]]
-    freq = np.bincount([lab.class_id for it in train for lab in it.labels()], minlength=len(data.names))
-    rare = set(np.argsort(freq)[: len(data.names) // 2].tolist())  # the less frequent half of the classes
-    camera, iid = [], []
-    for n, item in enumerate(rest):
-        labels = item.labels()
-        image = cv2.imread(str(item.image))
-        if image is None:
-            continue
-        iid.append(PoolFrame(item.image, item.label_file, "photos", n))
-        # Photos with a rare class are a short glimpse; the common ones fill the stream.
-        length = 2 if rare & {lab.class_id for lab in labels} else 8
-        for k in range(length):
-            frame, text = (image, item.label_file.read_text()) if k == 0 else _jitter(image, labels, rng)
-            img, lab = _write(work / "pool-camera", f"p{n:04d}-{k}", frame, text)
-            camera.append(PoolFrame(img, lab, f"cam-{n % 8}", n * 10 + k))
+    stream = write_photo_stream(rest, work / "pool-camera", num_classes=len(data.names), seed=seed)
+    photos = {p: n for n, p in enumerate(dict.fromkeys(f.photo for f in stream))}
+    camera = [PoolFrame(f.image, f.labels, f"cam-{photos[f.photo] % 8}", k) for k, f in enumerate(stream)]
+    iid = [PoolFrame(it.image, it.label_file, "photos", n) for n, it in enumerate(rest)]
     iid = [iid[i] for i in rng.permutation(len(iid))]
     test = data.split("test")
     test_yaml = _data_yaml(work / "test.yaml", train=seed_items[0].image.parent, test=test[0].image.parent,

@@ -34,6 +34,10 @@ class YoloLabel:
     w: float
     h: float
 
+    def line(self) -> str:
+        """The label as a line of a YOLO label file (without the newline)."""
+        return f"{self.class_id} {self.cx:.6f} {self.cy:.6f} {self.w:.6f} {self.h:.6f}"
+
     def xyxy(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The box in pixels of an image of ``width`` x ``height``."""
         return (
@@ -52,24 +56,31 @@ class YoloItem:
     label_file: Path
 
     def labels(self) -> list[YoloLabel]:
-        """The image's objects (none when the label file is missing or empty).
+        """The image's objects (none when the label file is missing or empty)."""
+        return read_labels(self.label_file) if self.label_file.is_file() else []
 
-        Raises:
-            DatasetError: a line that is not ``class cx cy w h``.
-        """
-        if not self.label_file.is_file():
-            return []
-        out = []
-        for n, line in enumerate(self.label_file.read_text().splitlines(), 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                cid, cx, cy, w, h = int(parts[0]), *(float(v) for v in parts[1:5])
-            except (ValueError, TypeError) as err:
-                raise DatasetError(f"{self.label_file}:{n}: expected 'class cx cy w h', got {line!r}") from err
-            out.append(YoloLabel(cid, cx, cy, w, h))
-        return out
+
+def read_labels(path: Path) -> list[YoloLabel]:
+    """The objects of one YOLO label file.
+
+    Raises:
+        DatasetError: the file cannot be read, or a line is not ``class cx cy w h``.
+    """
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise DatasetError(f"cannot read {path}: {err}") from err
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            cid, cx, cy, w, h = int(parts[0]), *(float(v) for v in parts[1:5])
+        except (ValueError, TypeError) as err:
+            raise DatasetError(f"{path}:{n}: expected 'class cx cy w h', got {line!r}") from err
+        out.append(YoloLabel(cid, cx, cy, w, h))
+    return out
 
 
 @dataclass(frozen=True)
