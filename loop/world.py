@@ -1,0 +1,165 @@
+"""The world the demo's cameras watch, and the truth behind it.
+
+Two worlds: **A**, which the first model is trained on, and **B**, which the cameras show: the
+same classes after a domain shift (new backgrounds, looks and sizes, or lighting). From the
+synthetic scenes (default) the demo writes A's labelled stills, one recorded video per camera of B
+with a label file per frame (the oracle's truth), and a labelled still set of B: the frozen test
+split every round's model is scored on. With ``--data DATA.yaml`` (any YOLO data set with train
+and test splits) A is a small random share of the training photos, the cameras play camera-like
+streams made from the other training photos (:mod:`edgeloop.synth.photo_stream`), and B's test
+split is the data set's own test split.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from edgeloop.synth.photo_stream import write_photo_stream
+from edgeloop.synth.scenarios import get_scenario
+from edgeloop.synth.scenes import format_labels, iter_scenes, write_video
+from edgeloop.yolo_dataset import load_yolo_dataset
+from loop.oracle import CameraTruth, Oracle
+
+#: The synthetic worlds: what the first model learns, and what the cameras show.
+WORLD_A = "shapes"
+WORLD_B = "shapes-shifted"
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One demo camera: what it plays, and whether that is a stream of consecutive frames."""
+
+    source_id: str
+    uri: str
+    sequence: bool
+    fps: float
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything the demo needs to play and judge its world."""
+
+    description: str
+    names: list[str]
+    imgsz: int
+    first_training: Path  # data.yaml of A's labelled data (train/val/test)
+    test_b: Path  # data.yaml whose test split is B's frozen test set
+    cameras: list[Camera]
+    oracle: Oracle
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    """How much of each the demo writes (``--quick`` is smaller)."""
+
+    train_a: int = 160
+    frames_per_camera: int = 300
+    test_b: int = 60
+    width: int = 320
+    height: int = 240
+    imgsz: int = 320
+    fps: float = 5.0
+    first_share: float = 0.2  # with --data: the share of training photos labelled for the first model
+
+
+def _data_yaml(path: Path, names: list[str], **splits: Path) -> Path:
+    doc = {"path": str(path.parent), **{k: str(v) for k, v in splits.items()}, "names": dict(enumerate(names))}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _stills(out: Path, params, n: int, seed: int) -> Path:
+    """``n`` labelled stills of one world under ``out/images`` and ``out/labels``."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    import cv2
+
+    for i, scene in enumerate(iter_scenes(params, seed, n)):
+        cv2.imwrite(str(out / "images" / f"{i:06d}.jpg"), scene.image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        (out / "labels" / f"{i:06d}.txt").write_text(format_labels(scene.labels))
+    return out / "images"
+
+
+def synthetic_world(root: Path, size: WorldSize, cameras: int = 2, seed: int = 0) -> World:
+    """World A = ``shapes``, B = ``shapes-shifted``, at ``size``'s resolution."""
+    if root.exists():
+        shutil.rmtree(root)
+    a = get_scenario(WORLD_A).updated(width=size.width, height=size.height)
+    b = get_scenario(WORLD_B).updated(width=size.width, height=size.height)
+    names = [a.names[i] for i in range(len(a.names))]
+    n_val = max(4, size.train_a // 8)
+    first = _data_yaml(
+        root / "a" / "data.yaml",
+        names,
+        train=_stills(root / "a" / "train", a, size.train_a, seed),
+        val=_stills(root / "a" / "val", a, n_val, seed + 1),
+        test=_stills(root / "a" / "test", a, n_val, seed + 2),
+    )
+    test_b = _stills(root / "b-test", b, size.test_b, seed + 3)
+    cams, truth = [], {}
+    (root / "cameras").mkdir(parents=True)
+    for i in range(cameras):
+        source_id = f"cam-{i + 1}"
+        video = write_video(
+            root / "cameras" / f"{source_id}.mp4", b, size.frames_per_camera, seed + 10 + i, fps=size.fps,
+            labels_dir=root / "cameras" / f"{source_id}-labels",
+        )  # fmt: skip
+        cams.append(Camera(source_id, str(video), sequence=True, fps=size.fps))
+        truth[source_id] = CameraTruth(root / "cameras" / f"{source_id}-labels", size.frames_per_camera)
+    return World(
+        description=f"synthetic: first model on '{WORLD_A}', cameras watch '{WORLD_B}'",
+        names=names,
+        imgsz=size.imgsz,
+        first_training=first,
+        test_b=_data_yaml(root / "b-test.yaml", names, train=test_b, val=test_b, test=test_b),
+        cameras=cams,
+        oracle=Oracle(truth),
+    )
+
+
+def data_world(data_yaml: Path, root: Path, size: WorldSize, cameras: int = 2, seed: int = 0) -> World:
+    """World from a YOLO data set: A = a random share of its training photos, B = the rest, as camera streams."""
+    data = load_yolo_dataset(data_yaml)
+    test = data.split("test")
+    if root.exists():
+        shutil.rmtree(root)
+    train = list(data.split("train"))
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_first = max(8, int(len(train) * size.first_share))
+    first_items = [train[i] for i in order[:n_first]]
+    rest = [train[i] for i in order[n_first:]]
+    a_dir = root / "a"
+    for split, items in (("train", first_items), ("val", data.splits.get("val", first_items))):
+        (a_dir / split / "images").mkdir(parents=True)
+        (a_dir / split / "labels").mkdir(parents=True)
+        for item in items:
+            (a_dir / split / "images" / item.image.name).symlink_to(item.image.resolve())
+            if item.label_file.is_file():
+                (a_dir / split / "labels" / (item.image.stem + ".txt")).symlink_to(item.label_file.resolve())
+    test_images = test[0].image.parent
+    first = _data_yaml(
+        a_dir / "data.yaml", data.names, train=a_dir / "train" / "images", val=a_dir / "val" / "images",
+        test=test_images,
+    )  # fmt: skip
+    cams, truth = [], {}
+    for i in range(cameras):
+        source_id = f"cam-{i + 1}"
+        out = root / "cameras" / source_id
+        frames = write_photo_stream(rest[i::cameras], out, num_classes=len(data.names), seed=seed + i)
+        cams.append(Camera(source_id, str(out / "images"), sequence=True, fps=size.fps))
+        truth[source_id] = CameraTruth(out / "labels", len(frames))
+    return World(
+        description=f"{data_yaml}: first model on {n_first} training photos, cameras play streams of the other "
+        f"{len(rest)}, test split {len(test)} photos",
+        names=data.names,
+        imgsz=size.imgsz,
+        first_training=first,
+        test_b=_data_yaml(root / "b-test.yaml", data.names, train=test_images, val=test_images, test=test_images),
+        cameras=cams,
+        oracle=Oracle(truth),
+    )
