@@ -25,7 +25,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,21 +263,28 @@ def training_report(
     return report
 
 
-def _pyplot() -> Any:
+@contextmanager
+def _figure(out: Path, figsize: tuple[float, float], ncols: int = 1) -> Iterator[tuple[Any, Any]]:
+    """A matplotlib figure (headless; its bundled DejaVu font, nothing fetched) saved to ``out`` as PNG and closed."""
     import matplotlib
 
-    matplotlib.use("Agg")  # headless; matplotlib's bundled DejaVu font, nothing fetched
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=80)
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(epochs: Sequence[EpochRow], out: Path) -> Path:
     """Train and val loss, and val mAP, per epoch, as a PNG."""
-    plt = _pyplot()
     x = [e.epoch for e in epochs]
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4))
-    try:
+    with _figure(out, (10, 4), ncols=2) as (_fig, (ax_loss, ax_map)):
         ax_loss.plot(x, [e.train_loss for e in epochs], marker="o", label="train loss")
         ax_loss.plot(x, [e.val_loss for e in epochs], marker="o", label="val loss")
         ax_loss.set(xlabel="epoch", ylabel="loss (box + cls + dfl)", title="Loss")
@@ -285,11 +293,6 @@ def plot_curves(epochs: Sequence[EpochRow], out: Path) -> Path:
         ax_map.plot(x, [e.map50_95 for e in epochs], marker="o", label="val mAP50-95")
         ax_map.set(xlabel="epoch", ylabel="mAP", title="Validation", ylim=(0, 1))
         ax_map.legend()
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=80)
-    finally:
-        plt.close(fig)
     return out
 
 
@@ -297,11 +300,10 @@ def plot_confusion(evaluation: Evaluation, out: Path) -> Path:
     """The confusion matrix (predicted rows, true columns, background last) as a PNG heat map."""
     import numpy as np
 
-    plt = _pyplot()
     names = [*evaluation.class_names, "background"]
     matrix = np.array(evaluation.confusion, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1.0 + 0.6 * len(names)))
-    try:
+    side = 1.0 + 0.6 * len(names)
+    with _figure(out, (side + 0.2, side)) as (_fig, ax):
         ax.imshow(matrix, cmap="Blues")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set_yticks(range(len(names)), names)
@@ -309,11 +311,6 @@ def plot_confusion(evaluation: Evaluation, out: Path) -> Path:
         for (i, j), v in np.ndenumerate(matrix):
             if v:
                 ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=8)
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=80)
-    finally:
-        plt.close(fig)
     return out
 
 

@@ -362,13 +362,7 @@ class ModelRegistry:
         Raises:
             UnknownVersionError: no such version, or its artifact was pruned.
         """
-        record = self.get(version)
-        if record.pruned:
-            raise UnknownVersionError(f"version {version}'s artifact was pruned (keep_versions)")
-        path = self.root / ARTIFACTS_DIR / version / ARTIFACT_NAME
-        if not path.is_file():
-            raise UnknownVersionError(f"version {version}'s artifact is missing from {path}")
-        return path
+        return self._stored(version, ARTIFACT_NAME, "artifact")
 
     def checkpoint_path(self, version: str) -> Path:
         """The training checkpoint stored with ``version`` (for fine-tuning; never sent to devices).
@@ -376,14 +370,16 @@ class ModelRegistry:
         Raises:
             UnknownVersionError: no such version, it was published without a checkpoint, or it was pruned.
         """
-        record = self.get(version)
-        if not record.checkpoint_size:
+        if not self.get(version).checkpoint_size:
             raise UnknownVersionError(f"version {version} was published without a training checkpoint")
-        if record.pruned:
-            raise UnknownVersionError(f"version {version}'s checkpoint was pruned (keep_versions)")
-        path = self.root / ARTIFACTS_DIR / version / CHECKPOINT_NAME
+        return self._stored(version, CHECKPOINT_NAME, "checkpoint")
+
+    def _stored(self, version: str, name: str, what: str) -> Path:
+        if self.get(version).pruned:
+            raise UnknownVersionError(f"version {version}'s {what} was pruned (keep_versions)")
+        path = self.root / ARTIFACTS_DIR / version / name
         if not path.is_file():
-            raise UnknownVersionError(f"version {version}'s checkpoint is missing from {path}")
+            raise UnknownVersionError(f"version {version}'s {what} is missing from {path}")
         return path
 
     def release(self, version: str, channel: str = "") -> models_pb2.ModelRelease:
