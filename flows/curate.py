@@ -15,7 +15,7 @@ from flows.curation import load_curation
 from flows.decisions import curate_decision
 
 
-@flow(name="curate", log_prints=True, retries=1, retry_delay_seconds=30)
+@flow(name="curate", log_prints=True)
 def curate(config: str | None = None) -> str | None:
     """Create a review batch when at least ``curate.min_new_frames`` new inbox frames wait; return its name."""
     cfg = load_flows_config(config)

@@ -25,20 +25,31 @@ from flows.curation import load_curation
 from flows.training.gate import GateDecision
 from flows.training.report import TrainingReport
 from flows.training.trainer import TrainResult
+from server.registry.store import RegistryLockedError
 
 logger = logging.getLogger(__name__)
 
-#: Retries of the steps that read or write shared storage (dataset export, registry).
+#: Retries of the steps that read or write shared storage (dataset export, registry), on transient errors only.
 IO_RETRIES = 2
 IO_RETRY_DELAY_S = 10
 
 
-@task(name="export-dataset", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O failures (a file system or network hiccup, the registry's lock held too long), not a wrong
+    dataset version or a refused registration: those fail the same way every time."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return isinstance(error, OSError | RegistryLockedError)
+
+
+_IO = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAY_S, "retry_condition_fn": transient}
+
+
+@task(name="export-dataset", cache_policy=NO_CACHE, **_IO)
 def export_dataset(config: FlowsConfig, dataset_version: str, work: Path) -> Path:
     return pipeline.export_dataset(load_curation(config.curation), dataset_version, work)
 
 
-@task(name="find-production", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+@task(name="find-production", cache_policy=NO_CACHE, **_IO)
 def find_production(config: FlowsConfig) -> pipeline.Production | None:
     return pipeline.find_production(pipeline.open_registry(config), config.rollout.stable_channel)
 
@@ -78,7 +89,7 @@ def gate(config: FlowsConfig, evaluations: pipeline.Evaluations) -> GateDecision
     return decision
 
 
-@task(name="register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+@task(name="register", cache_policy=NO_CACHE, **_IO)
 def register(
     config: FlowsConfig,
     files: pipeline.CandidateFiles,

@@ -111,6 +111,10 @@ class NoRollbackError(RegistryError):
     """The target has no earlier release to return to."""
 
 
+class RegistryLockedError(RegistryError):
+    """Another process held the registry's lock for longer than the wait allows (worth retrying)."""
+
+
 class RegistryStateError(RegistryError):
     """registry.json is unreadable or of an unknown format (it was edited by hand, or by a newer edgeloop)."""
 
@@ -855,7 +859,7 @@ def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise RegistryError(
+                    raise RegistryLockedError(
                         f"registry {path.parent} is locked by another process for more than {timeout:g} s"
                     ) from None
                 time.sleep(0.05)
@@ -874,6 +878,7 @@ __all__ = [
     "NoRollbackError",
     "RegistryConfig",
     "RegistryError",
+    "RegistryLockedError",
     "RegistryState",
     "RegistryStateError",
     "ReleaseVerificationError",

@@ -101,30 +101,54 @@ def test_splits_and_labels_of_a_yolo_data_set(tmp_path):
 def test_evaluate_onnx_agrees_with_ultralytics_val(tmp_path, shapes_release, ultralytics_offline):
     """Same model, same split: the edge detector's mAP matches ultralytics' ONNX validation.
 
-    The images are the model's input size, so both letterbox without resizing (ultralytics' val
-    shrinks with INTER_AREA, the edge detector, like ultralytics' predict, with INTER_LINEAR: on
-    640x480 images that alone moves mAP50-95 by about 0.01). What remains is NMS: ultralytics' val
-    keeps up to several labels per box (multi-label), the edge detector one.
+    Like for like: images of the model's input size (ultralytics' val shrinks larger ones with
+    INTER_AREA, the edge detector, like ultralytics' predict, with INTER_LINEAR), and ultralytics' val
+    keeping one label per box as a device does (its default NMS keeps several: multi-label adds
+    true positives no device reports, here +0.014 mAP50, printed). mAP50 then agrees to the last
+    digit; mAP50-95 within 0.01 (box coordinates at IoU 0.95 differ in float rounding).
     """
+    from ultralytics.models.yolo.detect.val import DetectionValidator
+    from ultralytics.utils import nms
+
     from edgeloop.synth.scenarios import get_scenario
     from edgeloop.synth.scenes import write_dataset
+
+    class OneLabelPerBox(DetectionValidator):
+        def postprocess(self, preds):  # noqa: ANN001, ANN202 - ultralytics' signature
+            outputs = nms.non_max_suppression(
+                preds,
+                self.args.conf,
+                self.args.iou,
+                nc=0,
+                multi_label=False,
+                agnostic=self.args.single_cls or self.args.agnostic_nms,
+                max_det=self.args.max_det,
+                end2end=self.end2end,
+            )
+            return [{"bboxes": x[:, :4], "conf": x[:, 4], "cls": x[:, 5], "extra": x[:, 6:]} for x in outputs]
 
     world = get_scenario("shapes").updated(width=320, height=240)
     data = write_dataset(tmp_path / "d", world, n=40, seed=21, val_fraction=0.1, test_fraction=0.5)
     ours = evaluate_onnx(shapes_release.onnx, data, "test")
-    theirs = ultralytics_offline.YOLO(str(shapes_release.onnx), task="detect").val(
-        data=str(data),
-        split="test",
-        imgsz=320,
-        batch=1,
-        rect=False,
-        plots=False,
-        device="cpu",
-        verbose=False,
-        project=str(tmp_path / "val"),
-    )
-    print(f"mAP50 {ours.map50:.4f} vs {theirs.box.map50:.4f}, mAP50-95 {ours.map50_95:.4f} vs {theirs.box.map:.4f}")
+    results = {}
+    for name, validator in (("one label", OneLabelPerBox), ("multi-label", None)):
+        results[name] = ultralytics_offline.YOLO(str(shapes_release.onnx), task="detect").val(
+            validator=validator,
+            data=str(data),
+            split="test",
+            imgsz=320,
+            batch=1,
+            rect=False,
+            plots=False,
+            device="cpu",
+            verbose=False,
+            project=str(tmp_path / "val"),
+        )
+    for name, r in results.items():
+        print(f"ultralytics ({name}): mAP50 {r.box.map50:.4f}, mAP50-95 {r.box.map:.4f}")
+    print(f"evaluate_onnx: mAP50 {ours.map50:.4f}, mAP50-95 {ours.map50_95:.4f}")
     assert ours.images == 20 and ours.map50_95 > 0.3  # a model that works, so the comparison means something
-    assert ours.map50 == pytest.approx(theirs.box.map50, abs=0.01)
-    assert ours.map50_95 == pytest.approx(theirs.box.map, abs=0.01)
+    theirs = results["one label"].box
+    assert ours.map50 == pytest.approx(theirs.map50, abs=1e-3)
+    assert ours.map50_95 == pytest.approx(theirs.map, abs=0.01)
     assert len(IOU_THRESHOLDS) == 10 and ours.metrics()["map50_95"] == ours.map50_95

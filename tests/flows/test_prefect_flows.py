@@ -4,8 +4,9 @@ evaluation of its ONNX finds; a training that fails fails the run, with the reas
 production untouched; curate and trigger are scheduled.
 
 One Prefect server for the session (``tests.fixtures.prefect_server``) and one ``flows serve``
-process for this module. Training is tiny (a few dozen synthetic images at 160 px, 2 epochs from
-the COCO checkpoint): this is about the plumbing, ``test_retrain.py`` is about better models.
+process for this module; the model ships as int8. Training is tiny (a few dozen synthetic images
+at 160 px, 2 epochs from the COCO checkpoint): this is about the plumbing, ``test_retrain.py`` is
+about better models.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def _write_config(work: Path, versions: Path) -> Path:
             "batch": 8,
             "device": "cpu",
         },
+        "export": {"int8": True, "calibration_images": 16},  # what ships (and is gated) is the int8 model
         "evaluation": {"train_images": 8, "threads": 1},
         "gate": {"first_model_floor": 0.0},
         "rollout": {"straight_to_stable": True},
@@ -163,6 +165,10 @@ def test_retrain_through_prefect_registers_a_signed_model_with_the_metrics_of_it
     assert registry.checkpoint_path("v1").stat().st_size > 1_000_000  # the training checkpoint, kept for fine-tuning
     assert registry.current("stable") == "v1"
     assert v1.params["training"]["epochs"] == 2 and v1.params["gate"]["promote"] is True
+    import onnx
+
+    assert v1.params["int8"] is True  # the registered artifact is the int8 model the gate evaluated
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(registry.artifact_path("v1"))).graph.node}
 
     # An independent evaluation of the registered ONNX on the version's frozen test split.
     independent = evaluate_onnx(registry.artifact_path("v1"), served.versions / "ds-0001" / "data.yaml", "test")
@@ -206,3 +212,51 @@ def test_trigger_and_curate_run_through_prefect(served, retrained):
     from server.registry.store import ModelRegistry, RegistryConfig
 
     assert [v.version for v in ModelRegistry(RegistryConfig(root=served.registry)).list()] == ["v1"]
+
+
+def test_cli_runs_a_flow_through_its_deployment(served):
+    from typer.testing import CliRunner
+
+    from edgeloop.cli import app
+
+    result = CliRunner().invoke(
+        app, ["flows", "run", "curate", "--config", str(served.config), "--deployment", "--wait", str(RUN_TIMEOUT_S)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "started curate: flow run " in result.output and "curate: Completed" in result.output
+
+
+def test_deploy_puts_training_on_the_gpu_pool_and_the_rest_on_the_light_pool(served):
+    """Last in the module: deploying re-registers the served deployments on work pools."""
+    from prefect.client.orchestration import get_client
+
+    from flows.config import load_flows_config
+    from flows.deployments import deploy
+
+    config = load_flows_config(served.config)
+    names = deploy(config, served.config)
+    assert sorted(names) == ["curate/curate", "retrain/retrain", "trigger/trigger", "tune/tune"]
+    pools = {name: _deployment(name).work_pool_name for name in names}
+    assert pools == {
+        "retrain/retrain": "edgeloop-gpu",
+        "tune/tune": "edgeloop-gpu",
+        "curate/curate": "edgeloop-light",
+        "trigger/trigger": "edgeloop-light",
+    }
+    assert _deployment("retrain/retrain").entrypoint == "flows.retrain.retrain"  # a worker imports it by module
+    with get_client(sync_client=True) as client:
+        assert {client.read_work_pool(p).type for p in ("edgeloop-gpu", "edgeloop-light")} == {"process"}
+    assert deploy(config, served.config) == names  # again: updated in place, pools reused
+
+
+def test_only_transient_io_errors_are_retried():
+    from prefect.states import Failed
+
+    from flows.curation import DatasetVersionError
+    from flows.retrain import transient
+    from server.registry.store import RegistryError, RegistryLockedError
+
+    assert transient(None, None, Failed(data=OSError("stale NFS handle")))
+    assert transient(None, None, Failed(data=RegistryLockedError("locked")))
+    assert not transient(None, None, Failed(data=DatasetVersionError("unknown dataset version")))
+    assert not transient(None, None, Failed(data=RegistryError("version v3 already exists")))
