@@ -21,8 +21,13 @@ from edgeloop.config_base import ConfigError
 
 #: Exit status of a command that failed for a reason it explains.
 EXIT_ERROR = 2
-#: Prefect's own telemetry, off in every process these commands start (a value the operator set wins).
-PREFECT_QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+#: Prefect's own telemetry off in every process these commands start, and room for the temporary server
+#: Prefect starts when no PREFECT_API_URL is set (its 20 s default times out on 2 cores); an operator's value wins.
+PREFECT_QUIET = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
 
 flows_app = typer.Typer(
     name="flows",

@@ -7,6 +7,7 @@ It registers nothing: put the winning values in the flows' config (``training.lr
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -17,11 +18,14 @@ from prefect.runtime import flow_run
 from flows import pipeline
 from flows.config import load_flows_config
 from flows.curation import load_curation
+from flows.training.config import TrainingConfig
 from flows.training.tune import Trial, best_trial, run_trial, sample_trials
 
 
 @task(name="trial", cache_policy=NO_CACHE)
-def trial(index: int, data_yaml, work, base, lr0: float, momentum: float, start) -> Trial:  # noqa: ANN001
+def trial(
+    index: int, data_yaml: Path, work: Path, base: TrainingConfig, lr0: float, momentum: float, start: Path
+) -> Trial:
     return run_trial(index, data_yaml, work, base, lr0, momentum, start)
 
 
