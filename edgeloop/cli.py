@@ -35,6 +35,13 @@ def _register() -> None:
     app.add_typer(server_app, name="server", help="Run the server; manage device credentials.")
     app.add_typer(models_app, name="models", help="Publish, promote, pin and roll back model versions.")
     app.command("demo")(demo)
+    try:  # the flows' commands need the server extra too; Prefect and ultralytics load inside the commands
+        from flows.cli import flows_app, train_app
+    except ImportError as err:
+        logging.getLogger(__name__).debug("flows commands unavailable: %s", err)
+        return
+    app.add_typer(flows_app, name="flows", help="Prefect flows: serve, deploy, run retrain/curate/trigger/tune.")
+    app.add_typer(train_app, name="train", help="Training helpers: preview augmentation.")
 
 
 def demo(

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.ultralytics_offline",
     "tests.fixtures.synth_model",
     "tests.fixtures.small_volume",
+    "tests.fixtures.prefect_server",
 ]

@@ -30,6 +30,9 @@ def synth_command(
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of still images (and video frames).")] = 100,
     seed: Annotated[int, typer.Option(min=0, help="Random seed; the same seed writes the same bytes.")] = 0,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of the images in the val split.")] = 0.2,
+    test_fraction: Annotated[
+        float, typer.Option(min=0.0, max=0.95, help="Share of the images in a test split (0: none).")
+    ] = 0.0,
     video: Annotated[
         bool, typer.Option(help="Also write video.mp4: a moving camera-like sequence of n frames.")
     ] = False,
@@ -63,13 +66,14 @@ def synth_command(
             n,
             seed,
             val_fraction=val_fraction,
+            test_fraction=test_fraction,
             video=video,
             fps=fps,
             image_format=image_format,  # type: ignore[arg-type]  # checked just above
             overwrite=overwrite,
             scenario=scenario,
         )
-    except SynthError as err:
+    except (SynthError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
 
@@ -77,7 +81,9 @@ def synth_command(
     info = _read_info(data_yaml)
     typer.echo(
         f"scenario {scenario!r}, seed {seed}, {params.width}x{params.height}: "
-        f"{info['train']} train + {info['val']} val images in {root / 'images'}, labels in {root / 'labels'}"
+        f"{info['train']} train + {info['val']} val"
+        + (f" + {info['test']} test" if info.get("test") else "")
+        + f" images in {root / 'images'}, labels in {root / 'labels'}"
     )
     if info.get("video"):
         video_path = root / info["video"]

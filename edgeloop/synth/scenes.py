@@ -809,15 +809,17 @@ def write_dataset(
     image_format: Literal["jpg", "png"] = "jpg",
     overwrite: bool = False,
     scenario: str | None = None,
+    test_fraction: float = 0.0,
 ) -> Path:
     """Write ``n`` still scenes as a YOLO / ultralytics data set; returns the path of its ``data.yaml``.
 
     Layout under ``out_dir``: ``images/{train,val}/NNNNNN.jpg`` and ``labels/{train,val}/NNNNNN.txt``
-    (NNNNNN is the scene index: the first images are train, the last ``val_fraction`` val, at least
+    (NNNNNN is the scene index: the first images are train, the next ``val_fraction`` val, at least
     one each when ``n >= 2``), and ``data.yaml`` with the absolute ``path:``, ``train``, ``val``,
     ``names`` and an ``edgeloop_synth`` block holding the parameters and seed that reproduce it.
     With no val images (``val_fraction=0`` or ``n < 2``) ``val`` points at the train images, since
-    ultralytics requires a val split.
+    ultralytics requires a val split. With ``test_fraction`` the last images form a ``test`` split
+    (``images/test``, at least one image), as an exported dataset version has.
 
     With ``video=True`` it also writes ``video.mp4`` (``video.avi`` if mp4v is unavailable) of ``n``
     temporally coherent frames at ``fps`` and their labels in ``video_labels/``: a camera stream
@@ -828,12 +830,14 @@ def write_dataset(
     Raises:
         SynthError: ``out_dir`` already holds a data set (pass ``overwrite=True`` to replace it),
             or no video codec works.
-        ValueError: ``n``, ``seed``, ``val_fraction`` or ``fps`` is out of range.
+        ValueError: ``n``, ``seed``, ``val_fraction``, ``test_fraction`` or ``fps`` is out of range.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"test_fraction must lie in [0, 1 - val_fraction), got {test_fraction}")
     _check_seed(seed)
     out = Path(out_dir).expanduser().resolve()
     existing = [out / name for name in _OUTPUTS if (out / name).exists()]
@@ -845,12 +849,15 @@ def write_dataset(
         else:
             path.unlink()
 
-    n_train, n_val = _split_sizes(n, val_fraction)
-    for split in ("train", "val") if n_val else ("train",):
+    n_rest, n_test = _split_sizes(n, test_fraction)
+    # val_fraction is a share of all n images, so of the rest once a test split is taken off.
+    n_train, n_val = _split_sizes(n_rest, val_fraction if not n_test else val_fraction * n / n_rest)
+    splits = ["train"] + (["val"] if n_val else []) + (["test"] if n_test else [])
+    for split in splits:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
     for i, (image, labels) in enumerate(iter_scenes(params, seed, n)):
-        split = "train" if i < n_train else "val"
+        split = "train" if i < n_train else "val" if i < n_rest else "test"
         (out / "images" / split / f"{i:06d}.{image_format}").write_bytes(_encode(image, image_format))
         (out / "labels" / split / f"{i:06d}.txt").write_text(format_labels(labels))
 
@@ -862,6 +869,7 @@ def write_dataset(
         "path": str(out),
         "train": "images/train",
         "val": "images/val" if n_val else "images/train",
+        **({"test": "images/test"} if n_test else {}),
         "names": params.names,
         "edgeloop_synth": {
             "scenario": scenario,
@@ -869,6 +877,7 @@ def write_dataset(
             "n": n,
             "train": n_train,
             "val": n_val,
+            "test": n_test,
             "video": video_path.name if video_path else None,
             "fps": fps if video_path else None,
             "params": params.model_dump(mode="json"),
@@ -877,5 +886,5 @@ def write_dataset(
     tmp = out / "data.yaml.tmp"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, out / "data.yaml")
-    logger.info("wrote %d train + %d val synthetic images to %s", n_train, n_val, out)
+    logger.info("wrote %d train + %d val + %d test synthetic images to %s", n_train, n_val, n_test, out)
     return out / "data.yaml"

@@ -18,7 +18,7 @@ import typer
 
 from edgeloop.releases import ReleaseKeyError, ReleaseVerificationError, key_fingerprint, public_key_pem
 from edgeloop.tables import format_table
-from server.registry.store import ModelRegistry, ModelVersion, RegistryConfig, RegistryError
+from server.registry.store import CHECKPOINT_NAME, ModelRegistry, ModelVersion, RegistryConfig, RegistryError
 
 #: The registry directory when --registry is not given (relative to the working directory).
 DEFAULT_REGISTRY = Path(".edgeloop/server/registry")
@@ -158,7 +158,7 @@ def list_command(registry: RegistryOpt = DEFAULT_REGISTRY, as_json: JsonOpt = Fa
         serving = _serving(reg)
         rows = [
             [
-                v.version + (" (pruned)" if v.pruned else ""),
+                v.version + (" (pruned)" if v.pruned else " (rejected)" if v.rejected else ""),
                 _when(v.created),
                 v.parent_version or "-",
                 v.dataset_version or "-",
@@ -208,8 +208,19 @@ def show_command(
         except (ReleaseVerificationError, ReleaseKeyError, RegistryError) as err:
             verified, problem = False, str(err)
         artifact = "" if v.pruned else str(reg.root / "artifacts" / v.version / "model.onnx")
+        has_checkpoint = v.checkpoint_size and not v.pruned
+        checkpoint = str(reg.root / "artifacts" / v.version / CHECKPOINT_NAME) if has_checkpoint else ""
         if as_json:
-            _echo_json({**_version_json(v, reg), "artifact": artifact, "verified": verified, "problem": problem})
+            _echo_json(
+                {
+                    **_version_json(v, reg),
+                    "status": v.status,
+                    "artifact": artifact,
+                    "checkpoint": checkpoint,
+                    "verified": verified,
+                    "problem": problem,
+                }
+            )
             return
         lineage = []
         parent = v.parent_version
@@ -221,6 +232,7 @@ def show_command(
                 break
         lines = [
             ("version", v.version + (" (artifact pruned)" if v.pruned else "")),
+            ("status", f"REJECTED: {v.rejected}" if v.rejected else "pruned" if v.pruned else "ok"),
             ("created", _when(v.created)),
             ("lineage", " <- ".join([v.version, *lineage])),
             ("dataset", v.dataset_version or "-"),
@@ -231,12 +243,19 @@ def show_command(
             ("imgsz", str(v.imgsz)),
             ("artifact", f"{artifact or '-'} ({v.artifact_size} bytes)"),
             ("sha256", v.artifact_sha256),
+            (
+                "weights",
+                f"{checkpoint} (training checkpoint, {v.checkpoint_size} bytes; never sent to devices)"
+                if checkpoint
+                else "-",
+            ),
             ("signed by", v.key_id or "-"),
             ("signature", "valid" if verified else f"NOT VALID: {problem}"),
             ("metrics", _metrics_text(v.metrics)),
             ("params", json.dumps(v.params, sort_keys=True) if v.params else "-"),
             ("serving", ", ".join(_serving(reg).get(v.version, [])) or "-"),
             ("source", v.source or "-"),
+            ("flow run", v.flow_run_id or "-"),
             ("notes", v.notes or "-"),
         ]
         width = max(len(k) for k, _ in lines)
@@ -289,6 +308,12 @@ def publish_command(
         list[str] | None, typer.Option("--param", help="name=value training parameter, repeatable.")
     ] = None,
     notes: Annotated[str, typer.Option("--notes", help="Free text.")] = "",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint", help="The training checkpoint (.pt) it was exported from (never sent to devices)."
+        ),
+    ] = None,
     signing_key: Annotated[
         Path | None, typer.Option("--signing-key", help="Release key (default <registry>/release_key.pem).")
     ] = None,
@@ -306,6 +331,7 @@ def publish_command(
             params=_pairs(param, "parameter", _param),
             metrics=_pairs(metric, "metric", _metric),
             notes=notes,
+            checkpoint=checkpoint,
         )
         if as_json:
             _echo_json(_version_json(v, reg))

@@ -68,6 +68,8 @@ class RegistryServicer(models_pb2_grpc.RegistryServicer):
             self.authorize(context, request.device_id)
         try:
             path = self.registry.artifact_path(request.version)
+            if self.registry.get(request.version).rejected:  # registered for the record, never for a device
+                raise UnknownVersionError(f"version {request.version} was rejected and is not served")
         except UnknownVersionError as err:
             context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         except RegistryError as err:

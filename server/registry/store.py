@@ -6,6 +6,13 @@ Layout under ``RegistryConfig.root``::
     registry.lock              fcntl lock: one writer at a time across processes (CLI and server)
     release_key.pem            Ed25519 release key (0600), created on first publish; release_key.pub.pem beside it
     artifacts/<version>/model.onnx   read-only copies of the published ONNX files
+    artifacts/<version>/checkpoint.pt  the training checkpoint it was exported from, when published with one:
+                                       the next training fine-tunes it; never served to devices
+
+A version carries its lineage: the parent version it was trained from, the dataset version, the
+training parameters, its metrics and the id of the flow run that made it. A candidate the
+promotion gate turned down is registered too, marked **rejected** with the reason: it stays for
+inspection (``edgeloop models show``) but can never be released, pinned or downloaded by a device.
 
 Targeting: a device resolves its release in this order: a **pin** (device -> version) beats a
 **group release** (the channel's release for the group the device is assigned to) beats the
@@ -68,6 +75,7 @@ STATE_FILE = "registry.json"
 LOCK_FILE = "registry.lock"
 ARTIFACTS_DIR = "artifacts"
 ARTIFACT_NAME = "model.onnx"
+CHECKPOINT_NAME = "checkpoint.pt"
 #: Bumped when registry.json changes shape; a reader refuses a format it does not know.
 STATE_FORMAT = 1
 #: Earlier releases remembered per target for rollback; older ones fall off (and may then be pruned).
@@ -101,6 +109,10 @@ class InvalidArtifactError(RegistryError):
 
 class NoRollbackError(RegistryError):
     """The target has no earlier release to return to."""
+
+
+class RegistryLockedError(RegistryError):
+    """Another process held the registry's lock for longer than the wait allows (worth retrying)."""
 
 
 class RegistryStateError(RegistryError):
@@ -185,6 +197,17 @@ class ModelVersion(_Record):
     signature: str = Field(default="", description="Ed25519 signature over the release digest, hex.")
     key_id: str = Field(default="", description="Fingerprint of the key that signed it.")
     pruned: bool = Field(default=False, description="The artifact was deleted by keep_versions; the facts stay.")
+    checkpoint_sha256: str = Field(default="", description="sha256 of the training checkpoint kept beside the ONNX.")
+    checkpoint_size: int = Field(default=0, description="Size of that checkpoint in bytes (0: none kept).")
+    flow_run_id: str = Field(default="", description="The orchestrator run that trained and registered it.")
+    rejected: str = Field(
+        default="", description="Why the promotion gate (or a failed canary) turned it down; empty: not rejected."
+    )
+
+    @property
+    def status(self) -> str:
+        """``pruned``, ``rejected`` or ``ok``."""
+        return "pruned" if self.pruned else "rejected" if self.rejected else "ok"
 
     def to_release(self, channel: str = "") -> Release:
         return Release(
@@ -343,12 +366,24 @@ class ModelRegistry:
         Raises:
             UnknownVersionError: no such version, or its artifact was pruned.
         """
-        record = self.get(version)
-        if record.pruned:
-            raise UnknownVersionError(f"version {version}'s artifact was pruned (keep_versions)")
-        path = self.root / ARTIFACTS_DIR / version / ARTIFACT_NAME
+        return self._stored(version, ARTIFACT_NAME, "artifact")
+
+    def checkpoint_path(self, version: str) -> Path:
+        """The training checkpoint stored with ``version`` (for fine-tuning; never sent to devices).
+
+        Raises:
+            UnknownVersionError: no such version, it was published without a checkpoint, or it was pruned.
+        """
+        if not self.get(version).checkpoint_size:
+            raise UnknownVersionError(f"version {version} was published without a training checkpoint")
+        return self._stored(version, CHECKPOINT_NAME, "checkpoint")
+
+    def _stored(self, version: str, name: str, what: str) -> Path:
+        if self.get(version).pruned:
+            raise UnknownVersionError(f"version {version}'s {what} was pruned (keep_versions)")
+        path = self.root / ARTIFACTS_DIR / version / name
         if not path.is_file():
-            raise UnknownVersionError(f"version {version}'s artifact is missing from {path}")
+            raise UnknownVersionError(f"version {version}'s {what} is missing from {path}")
         return path
 
     def release(self, version: str, channel: str = "") -> models_pb2.ModelRelease:
@@ -476,6 +511,9 @@ class ModelRegistry:
         params: Mapping[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None,
         notes: str = "",
+        checkpoint: str | os.PathLike[str] | None = None,
+        flow_run_id: str = "",
+        rejected: str = "",
     ) -> ModelVersion:
         """Copy an ultralytics YOLO detect ONNX into the registry, sign it and record it as a new version.
 
@@ -487,9 +525,13 @@ class ModelRegistry:
             params: Training parameters (JSON values).
             metrics: Evaluation metrics (finite numbers).
             notes: Free text.
+            checkpoint: The training checkpoint (.pt) the ONNX was exported from; kept beside it for
+                the next fine-tuning, never served to devices.
+            flow_run_id: The orchestrator run that made it.
+            rejected: Register it as rejected, with this reason: recorded, never releasable.
 
         Raises:
-            InvalidArtifactError: not a file, not ONNX, or not a YOLO detect export.
+            InvalidArtifactError: not a file, not ONNX, or not a YOLO detect export (or the checkpoint is not a file).
             RegistryError: the version exists, the parent does not, or a value is invalid.
         """
         src = Path(onnx_path)
@@ -513,6 +555,8 @@ class ModelRegistry:
             clean_metrics[str(name)] = number
         if not src.is_file():
             raise InvalidArtifactError(f"{src} is not a file")
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise InvalidArtifactError(f"checkpoint {checkpoint} is not a file")
 
         incoming = self.root / ARTIFACTS_DIR / ".incoming" / uuid.uuid4().hex
         incoming.mkdir(parents=True)
@@ -520,6 +564,9 @@ class ModelRegistry:
             sha, size = _copy_durably(src, incoming / ARTIFACT_NAME)
             # Read the metadata from the copy: what is checked and signed is what is stored.
             class_names, imgsz = _detect_metadata(incoming / ARTIFACT_NAME, shown=src)
+            ckpt_sha, ckpt_size = "", 0
+            if checkpoint is not None:
+                ckpt_sha, ckpt_size = _copy_durably(Path(checkpoint), incoming / CHECKPOINT_NAME)
             key = self.signing_key()
             with self._change() as state:
                 if parent and parent not in state.versions:
@@ -548,6 +595,10 @@ class ModelRegistry:
                     notes=notes,
                     source=src.name,
                     key_id=key_fingerprint(key),
+                    checkpoint_sha256=ckpt_sha,
+                    checkpoint_size=ckpt_size,
+                    flow_run_id=flow_run_id,
+                    rejected=rejected,
                 )
                 signature = sign_release(release_to_pb(record.to_release()), key)
                 record = record.model_copy(update={"signature": signature.hex()})
@@ -558,7 +609,40 @@ class ModelRegistry:
         for name in pruned:
             shutil.rmtree(self.root / ARTIFACTS_DIR / name, ignore_errors=True)
             logger.info("pruned the artifact of %s (keep_versions=%s)", name, self.config.keep_versions)
-        logger.info("published %s (sha256 %s, %d bytes, %d classes)", version, sha, size, len(class_names))
+        logger.info(
+            "published %s (sha256 %s, %d bytes, %d classes%s)",
+            version,
+            sha,
+            size,
+            len(class_names),
+            f"; rejected: {rejected}" if rejected else "",
+        )
+        return record
+
+    def reject(self, version: str, reason: str) -> ModelVersion:
+        """Mark a published version as rejected (e.g. its canary failed); it can no longer be released.
+
+        Raises:
+            RegistryError: it is still served by a channel, a group or a pin (roll that back first),
+                or ``reason`` is empty.
+            UnknownVersionError: no such version.
+        """
+        if not reason.strip():
+            raise RegistryError("a rejection needs a reason")
+        with self._change() as state:
+            record = state.versions.get(version)
+            if record is None:
+                raise UnknownVersionError(f"unknown version {version!r}")
+            serving = [pin for pin, p in state.pins.items() if p.version == version]
+            for name, channel in state.channels.items():
+                for group, target in [(None, channel.release), *channel.groups.items()]:
+                    if target.current == version:
+                        serving.append(_where(name, group))
+            if serving:
+                raise RegistryError(f"version {version} is still served ({', '.join(serving)}): roll it back first")
+            record = record.model_copy(update={"rejected": reason})
+            state.versions[version] = record
+        logger.warning("rejected %s: %s", version, reason)
         return record
 
     def promote(self, version: str, channel: str, group: str | None = None) -> str | None:
@@ -655,6 +739,8 @@ class ModelRegistry:
             raise UnknownVersionError(f"unknown version {version!r}")
         if record.pruned:
             raise UnknownVersionError(f"version {version}'s artifact was pruned (keep_versions); publish it again")
+        if record.rejected:
+            raise RegistryError(f"version {version} was rejected ({record.rejected}); it cannot be released")
 
     def _prune(self, state: RegistryState) -> list[str]:
         keep = self.config.keep_versions
@@ -773,7 +859,7 @@ def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise RegistryError(
+                    raise RegistryLockedError(
                         f"registry {path.parent} is locked by another process for more than {timeout:g} s"
                     ) from None
                 time.sleep(0.05)
@@ -784,6 +870,7 @@ def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
 
 
 __all__ = [
+    "CHECKPOINT_NAME",
     "ChannelState",
     "InvalidArtifactError",
     "ModelRegistry",
@@ -791,6 +878,7 @@ __all__ = [
     "NoRollbackError",
     "RegistryConfig",
     "RegistryError",
+    "RegistryLockedError",
     "RegistryState",
     "RegistryStateError",
     "ReleaseVerificationError",
