@@ -12,7 +12,7 @@ embedding alone does not separate the two cases cleanly: consecutive frames of a
 0.68 q50 apart (an object entering at the border), while frames of two different dark (night)
 clips came as close as 0.49 q50, because the model sees little in either. The dHash alone does not
 either: consecutive frames differ in at most 9 bits, but frames of different clips of plain scenes
-in as few as 6. Together (distance < 0.75 q50 and hash <= 12 bits) every one of the 580
+in as few as 5. Together (distance < 0.75 q50 and hash <= 12 bits) every one of the 580
 consecutive pairs was a near-duplicate and none of the 171,000 cross-clip pairs was; any distance
 between 0.7 and 0.8 with 10-12 bits gave the same result.
 """

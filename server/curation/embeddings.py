@@ -18,9 +18,11 @@ statistics (:meth:`edgeloop.embedding.ReferenceStats.project`; distances in unit
 images' q50) or, for a model without them, z-scored over the frames in play, with the median
 nearest-neighbour distance among them as the unit.
 
-Cost on the server, per frame that needs it (2-core CI machine, the 320-px test model, 640x480
-JPEG): ~3 ms to read the image and hash it, plus ~15 ms for the embedding; see
-``docs/benchmarks.md`` ("Curation").
+Cost on the server, per frame that needs it (2-core CI machine, a 320-px shapes model, 640x480
+JPEG, one ONNX Runtime thread): 1.5 ms to read the image and hash it, plus 13 ms for the
+embedding, paid once (then cached); see ``docs/benchmarks.md`` ("Curation"). An embedding
+computed from the uploaded JPEG lies a little off the one the edge computed from the raw frame
+(median 0.09 q50), which the near-duplicate rule's margin absorbs.
 """
 
 from __future__ import annotations
