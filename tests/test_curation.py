@@ -275,7 +275,9 @@ def browser(tmp: Path):
     def forbidden(*_args, **_kwargs):
         raise AssertionError("Selenium Manager was asked for a driver or browser: it would download")
 
-    selenium_manager.SeleniumManager.binary_paths = forbidden  # type: ignore[method-assign]
+    for name in ("binary_paths", "_run"):  # the look-up, and the subprocess that would download
+        assert hasattr(selenium_manager.SeleniumManager, name), f"Selenium changed: no SeleniumManager.{name}"
+        setattr(selenium_manager.SeleniumManager, name, forbidden)
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (

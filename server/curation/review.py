@@ -22,6 +22,7 @@ batch). Rejected frames never enter.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -190,6 +191,8 @@ def check_box(label: Any, box: Any, classes: Sequence[str]) -> tuple[Box | None,
 
 
 def _image_size(width: int | None, height: int | None, path: str) -> tuple[int, int] | None:
+    if not os.path.isfile(path):
+        return None
     if width and height:
         return int(width), int(height)
     image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
