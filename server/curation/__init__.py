@@ -18,7 +18,7 @@ What the retraining flows and the demo call (all documented where they live):
   ``.latest_version() -> DatasetVersion | None``, ``.export(vid, out) -> Path`` (data.yaml),
   ``.report() -> Report``;
 - without the database: ``VersionStore(cfg.curation.root)`` and ``export_yolo(store, vid, out)``
-  (:mod:`server.curation.versions`); ``DatasetVersion`` has ``id``, ``parent``, ``counts``,
+  (:mod:`server.curation.versions`); ``DatasetVersion`` has ``id``, ``parent``, ``splits`` (frame ids), ``counts``,
   ``class_counts``, ``test_frozen``, ``labels_sha256``; ``VersionStore.splits(vid)`` gives the
   frame ids per split;
 - :func:`server.curation.hooks.start_retraining` (dataset version -> run handle) is the seam the

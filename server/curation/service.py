@@ -46,7 +46,7 @@ from server.curation.selection import Pool, SelectionParams, primary_class, sele
 from server.curation.splits import SPLITS, assign_splits, is_test_frozen
 from server.curation.store import BatchRecord, BatchStatus, CurationError, CurationStore, now_iso
 from server.curation.training import mirrored_version, open_training_dataset, sync_training_dataset
-from server.curation.versions import DatasetVersion, VersionSample, chain_hash, export_yolo
+from server.curation.versions import DatasetVersion, VersionSample, chain_hash, export_yolo, grow_splits
 
 if TYPE_CHECKING:
     import fiftyone as fo
@@ -337,7 +337,7 @@ class Curation:
                     f"the training set's classes {list(parent.classes)} differ from {classes}: set curation.classes "
                     "to the training set's (a new class needs a new training set)"
                 )
-            known = {s.frame_id for s in versions.samples(parent.id)} if parent else set()
+            known = {f for ids in parent.splits.values() for f in ids} if parent else set()
             fresh = [a for a in decision.approved if a.frame_id not in known]
             counts = {s: parent.counts.get(s, 0) if parent else 0 for s in SPLITS}
             before = parent.class_counts if parent else {}
@@ -368,6 +368,7 @@ class Curation:
                 batch=name,
                 classes=tuple(classes),
                 added=tuple(added),
+                splits=grow_splits(parent.splits if parent else {}, added),
                 counts=counts,
                 class_counts=class_counts,
                 test_frozen=is_test_frozen(counts, self.config.splits),

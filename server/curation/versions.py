@@ -3,14 +3,16 @@
 FiftyOne's own dataset versioning is not in its open-source edition, so edgeloop keeps its own.
 Every approval writes one version, ``ds-0001``, ``ds-0002``, ..., each naming its ``parent``. A
 record holds the samples that approval *added*, each with a snapshot of its labels (classes and
-boxes), its image's sha256 and size and its split; plus, for the whole version, the samples and
-boxes per split and class, whether the test split is frozen, and ``labels_sha256``. A version's
+boxes), its image's sha256 and size and its split; plus, for the whole version, the frame ids per
+split, the samples and boxes per split and class, whether the test split is frozen, and
+``labels_sha256``. A version's
 samples are its own plus its ancestors' (approval only adds; samples never change split), so
 :meth:`VersionStore.samples` walks the chain.
 
 ``labels_sha256`` chains: the sha256 of the parent's hash, the class list and the canonical JSON
 of the added samples. Equal hashes mean equal labels, images and splits across the whole chain;
-:meth:`VersionStore.load` recomputes it, so a hand-edited or truncated record is refused.
+:meth:`VersionStore.load` recomputes it (and checks the splits against the parent's plus the added
+samples), so a hand-edited or truncated record is refused.
 
 Immutability: a record is written once (``versions/ds-NNNN.json``, fsync-ed, renamed into place,
 read-only), never rewritten; the images it names live content-addressed under the curation root
@@ -104,6 +106,7 @@ class DatasetVersion(_Frozen):
     batch: str
     classes: tuple[str, ...]
     added: tuple[VersionSample, ...]
+    splits: dict[str, list[str]] = Field(description="Frame ids per split, whole version, sorted.")
     counts: dict[str, int] = Field(description="Samples per split, whole version.")
     class_counts: dict[str, dict[str, int]] = Field(description="Boxes per split and class, whole version.")
     test_frozen: bool
@@ -135,6 +138,14 @@ def chain_hash(parent_hash: str, classes: Sequence[str], added: Iterable[Version
     items = sorted((s.model_dump(mode="json") for s in added), key=lambda d: d["frame_id"])
     canonical = json.dumps({"parent": parent_hash, "classes": list(classes), "added": items}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def grow_splits(parent: dict[str, list[str]], added: Iterable[VersionSample]) -> dict[str, list[str]]:
+    """A version's frame ids per split: its parent's plus the samples it added, sorted."""
+    out = {split: set(parent.get(split, [])) for split in SPLITS}
+    for s in added:
+        out[s.split].add(s.frame_id)
+    return {split: sorted(ids) for split, ids in out.items()}
 
 
 def tally(samples: Iterable[VersionSample], classes: Sequence[str]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
@@ -187,11 +198,12 @@ class VersionStore:
             unchecked.append(record)
             current = record.parent
         for record in reversed(unchecked):
-            parent_hash = self._cache[record.parent].labels_sha256 if record.parent else ""
-            if chain_hash(parent_hash, record.classes, record.added) != record.labels_sha256:
-                raise VersionError(
-                    f"{self.dir / record.id}.json: labels_sha256 does not match its content (the record was altered)"
-                )
+            parent = self._cache[record.parent] if record.parent else None
+            where = f"{self.dir / record.id}.json"
+            if chain_hash(parent.labels_sha256 if parent else "", record.classes, record.added) != record.labels_sha256:
+                raise VersionError(f"{where}: labels_sha256 does not match its content (the record was altered)")
+            if record.splits != grow_splits(parent.splits if parent else {}, record.added):
+                raise VersionError(f"{where}: its splits are not its parent's plus the samples it added")
             self._cache[record.id] = record
         return self._cache[vid]
 
@@ -226,11 +238,8 @@ class VersionStore:
         return [s for record in self.chain(vid) for s in record.added]
 
     def splits(self, vid: str) -> dict[str, list[str]]:
-        """Frame ids per split of version ``vid``."""
-        out: dict[str, list[str]] = {split: [] for split in SPLITS}
-        for s in self.samples(vid):
-            out[s.split].append(s.frame_id)
-        return out
+        """Frame ids per split of version ``vid`` (sorted)."""
+        return {split: list(ids) for split, ids in self.load(vid).splits.items()}
 
     def write(self, record: DatasetVersion) -> Path:
         """Write a new record, read-only; never replaces one.

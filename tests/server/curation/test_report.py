@@ -16,6 +16,7 @@ def version(vid: str, train: dict[str, int]) -> DatasetVersion:
         batch="batch-001",
         classes=CLASSES,
         added=(),
+        splits={"train": [], "val": [], "test": []},
         counts={"train": 30, "val": 3, "test": 3},
         class_counts={"train": train, "val": dict.fromkeys(CLASSES, 1), "test": dict.fromkeys(CLASSES, 1)},
         test_frozen=False,

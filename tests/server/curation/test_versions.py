@@ -22,6 +22,7 @@ from server.curation.versions import (
     VersionStore,
     chain_hash,
     export_yolo,
+    grow_splits,
     tally,
 )
 
@@ -54,6 +55,7 @@ def add_version(store: VersionStore, tmp: Path, n: int, start: int, splits=("tra
         )
     everything = (store.samples(parent.id) if parent else []) + added
     counts, class_counts = tally(everything, CLASSES)
+    splits = grow_splits(parent.splits if parent else {}, added)
     version = DatasetVersion(
         id=store.next_id(),
         parent=parent.id if parent else None,
@@ -61,6 +63,7 @@ def add_version(store: VersionStore, tmp: Path, n: int, start: int, splits=("tra
         batch=f"batch-{start:03d}",
         classes=CLASSES,
         added=tuple(added),
+        splits=splits,
         counts=counts,
         class_counts=class_counts,
         test_frozen=False,
@@ -114,6 +117,11 @@ def test_an_altered_record_is_refused(store, tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(VersionError, match="labels_sha256"):
         VersionStore(store.root).load("ds-0002")  # the child checks its ancestors too
+    doc["added"][0]["boxes"][0]["label"] = "circle"  # back as it was: the hash holds again
+    doc["splits"]["train"].append("frame-9999")  # a sample the record never added
+    path.write_text(json.dumps(doc))
+    with pytest.raises(VersionError, match="splits are not"):
+        VersionStore(store.root).load("ds-0001")
     with pytest.raises(VersionError, match="unknown dataset version ds-0009"):
         store.load("ds-0009")
     with pytest.raises(VersionError, match="not a dataset version id"):
