@@ -28,12 +28,14 @@ def _register() -> None:
     app.command("synth", help="Write a synthetic YOLO dataset (and optionally a video) of a scenario.")(synth_command)
     try:  # the server's commands exist where the server extra is installed; a device has only the agent
         from server.cli import app as server_app
+        from server.curation.cli import curate_app
         from server.registry.cli import models_app
     except ImportError as err:
         logging.getLogger(__name__).debug("server commands unavailable: %s", err)
         return
     app.add_typer(server_app, name="server", help="Run the server; manage device credentials.")
     app.add_typer(models_app, name="models", help="Publish, promote, pin and roll back model versions.")
+    app.add_typer(curate_app, name="curate", help="Review batches in FiftyOne; approve them into dataset versions.")
     app.command("demo")(demo)
     try:  # the flows' commands need the server extra too; Prefect and ultralytics load inside the commands
         from flows.cli import flows_app, train_app

@@ -52,7 +52,8 @@ class ReferenceError(ValueError):
     """Reference statistics that cannot be read (wrong format, shape or values)."""
 
 
-def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distance between every row of ``a`` (n, d) and every row of ``b`` (m, d)."""
     sq = (a * a).sum(axis=-1)[..., None] + (b * b).sum(axis=-1)[None, :] - 2.0 * (a @ b.T)
     return np.clip(sq, 0.0, None)  # rounding can dip a tiny bit below zero
 
@@ -61,12 +62,12 @@ def nearest_distance(vector: np.ndarray, others: np.ndarray) -> float:
     """Euclidean distance from ``vector`` to the nearest row of ``others`` (inf when there is none)."""
     if len(others) == 0:
         return float("inf")
-    return float(np.sqrt(_squared_distances(vector[None], others).min()))
+    return float(np.sqrt(squared_distances(vector[None], others).min()))
 
 
 def leave_one_out_distances(vectors: np.ndarray) -> np.ndarray:
     """For each row, the Euclidean distance to its nearest *other* row."""
-    sq = _squared_distances(vectors, vectors)
+    sq = squared_distances(vectors, vectors)
     np.fill_diagonal(sq, np.inf)
     return np.sqrt(sq.min(axis=1))
 

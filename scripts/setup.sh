@@ -28,13 +28,14 @@ pip_install() {
 }
 
 # mosquitto: the MQTT broker the tests and the demo start; libcurl4/libssl3: the bundled mongod needs them;
-# strace/iproute2: the offline test traces every socket call in a network namespace with only loopback.
+# strace/iproute2: the offline test traces every socket call in a network namespace with only loopback;
+# chromium/chromium-driver: the curation test drives the FiftyOne App in Debian's browser (nothing downloads one).
 missing=()
-for pkg in mosquitto mosquitto-clients libcurl4 libssl3 strace iproute2; do
+for pkg in mosquitto mosquitto-clients libcurl4 libssl3 strace iproute2 chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  say "installing Debian packages: ${missing[*]} (apt, about 15 s)"
+  say "installing Debian packages: ${missing[*]} (apt, about 15 s; a minute with chromium)"
   as_root apt-get update -qq || true
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from edgeloop.config_base import StrictModel, load_config
+from server.curation.config import CurationConfig
 from server.devices import DevicesConfig
 from server.ingest.grpc_service import GrpcServerConfig
 from server.ingest.mqtt_bridge import MqttBridgeConfig
@@ -35,6 +36,7 @@ _DATA_PATHS = (
     ("mongo", "db_dir", "mongodb"),
     ("registry", "root", "registry"),
     ("devices", "root", "devices"),
+    ("curation", "root", "curation"),
 )
 
 
@@ -68,6 +70,9 @@ class ServerConfig(StrictModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="The model registry.")
     devices: DevicesConfig = Field(default_factory=DevicesConfig, description="Device identities and credentials.")
     app: FiftyOneAppConfig = Field(default_factory=FiftyOneAppConfig, description="The FiftyOne App.")
+    curation: CurationConfig = Field(
+        default_factory=CurationConfig, description="Review batches, the training set and its versions."
+    )
     metrics: ServerMetricsConfig = Field(default_factory=ServerMetricsConfig, description="Prometheus metrics.")
     workers: int = Field(
         default=1,

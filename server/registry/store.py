@@ -32,7 +32,6 @@ place only once the copy is fsync-ed: what is signed is exactly what is stored.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -55,7 +54,7 @@ from edge_agent.detectors.yolo import parse_ultralytics_metadata, read_onnx_meta
 from edgeloop.config_base import StrictModel
 from edgeloop.convert import release_to_pb
 from edgeloop.domain import Release
-from edgeloop.durable import fsync_dir, write_atomic
+from edgeloop.durable import LockTimeout, file_lock, fsync_dir, write_atomic
 from edgeloop.releases import (
     HASH_CHUNK_BYTES,
     ReleaseVerificationError,
@@ -851,22 +850,13 @@ def _copy_durably(src: Path, dst: Path) -> tuple[str, int]:
 @contextmanager
 def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """An exclusive fcntl lock on ``path``, shared by every process using the same registry root."""
-    with path.open("a+b") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RegistryLockedError(
-                        f"registry {path.parent} is locked by another process for more than {timeout:g} s"
-                    ) from None
-                time.sleep(0.05)
-        try:
+    try:
+        with file_lock(path, timeout):
             yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except LockTimeout as err:
+        raise RegistryLockedError(
+            f"registry {path.parent} is locked by another process for more than {timeout:g} s"
+        ) from err
 
 
 __all__ = [

@@ -1,0 +1,482 @@
+"""The curation workflow in one object: next batch, status, approve, reject, versions, export, report.
+
+:class:`Curation` is what the ``edgeloop curate`` commands, the FiftyOne plugin and the retraining
+flows call. It needs FiftyOne configured first (``server.store.mongo.configure_fiftyone``; the CLI
+and the App do it), except for :meth:`Curation.versions`, :meth:`~Curation.version` and
+:meth:`~Curation.export`, which read only files.
+
+Every change takes the curation lock and starts with :meth:`Curation.repair`, which finishes what
+a crash cut short (see :mod:`server.curation.store` for the commit points), so a batch is made or
+not, and an approval happens whole or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from server.curation.config import MAX_BATCH, MIN_BATCH, WHY_30_TO_50, CurationConfig
+from server.curation.duplicates import FrameSet, NearDuplicateRule
+from server.curation.embeddings import (
+    CURATION_EMBEDDING,
+    CURATION_MODEL,
+    DHASH,
+    EDGE_EMBEDDING,
+    MODEL_VERSION,
+    CurationSpace,
+    RawVectors,
+)
+from server.curation.report import NearDuplicateCount, Report, build_report
+from server.curation.review import (
+    APPROVED_TAG,
+    GROUND_TRUTH,
+    PREDICTIONS,
+    REJECT_TAG,
+    decide,
+    ensure_inbox_fields,
+    ensure_label_schema,
+    show_batch,
+)
+from server.curation.selection import Pool, SelectionParams, primary_class, select_batch
+from server.curation.splits import SPLITS, assign_splits, is_test_frozen
+from server.curation.store import BatchRecord, BatchStatus, CurationError, CurationStore, now_iso
+from server.curation.training import mirrored_version, open_training_dataset, sync_training_dataset
+from server.curation.versions import DatasetVersion, VersionSample, chain_hash, export_yolo, grow_splits
+
+if TYPE_CHECKING:
+    import fiftyone as fo
+
+    from server.config import ServerConfig
+    from server.registry.store import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+#: Names under which skipped near-duplicates are counted.
+TRAINING_SET = "training set"
+OTHER_BATCHES = "other batches"
+_COPIED_FIELDS = (EDGE_EMBEDDING, MODEL_VERSION, CURATION_EMBEDDING, CURATION_MODEL, DHASH)
+
+
+@dataclass
+class BatchResult:
+    """A new batch and how it was picked.
+
+    Attributes:
+        batch: Its record (name, members, selection facts).
+        pool: Unbatched frames considered.
+        skipped: Near-duplicates skipped, by what they duplicate.
+        warnings: Things the caller should show (a size outside 30-50, a short batch).
+    """
+
+    batch: BatchRecord
+    pool: int
+    skipped: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ApprovalResult:
+    """What approving a batch did.
+
+    Attributes:
+        version: The dataset version the approval recorded (the existing one when ``already``).
+        batch: The batch's record after approval.
+        already: True when the batch had been approved before: nothing changed.
+    """
+
+    version: DatasetVersion
+    batch: BatchRecord
+    already: bool = False
+
+
+@dataclass
+class BatchReport:
+    """A batch's record, and where its review stands in the App now.
+
+    Attributes:
+        batch: The record.
+        tagged_approved: Frames tagged ``approved`` (and not ``reject``).
+        tagged_reject: Frames tagged ``reject``.
+        untagged: Frames tagged neither.
+        edited: Frames whose ``ground_truth`` differs from the model's predictions.
+    """
+
+    batch: BatchRecord
+    tagged_approved: int
+    tagged_reject: int
+    untagged: int
+    edited: int
+
+
+def check_batch_size(size: int, any_size: bool) -> list[str]:
+    """Warnings for a batch size; refuses one outside 30-50 unless ``any_size``.
+
+    Raises:
+        CurationError: ``size`` below 1, or outside 30-50 without ``any_size``.
+    """
+    if size < 1:
+        raise CurationError(f"a batch needs at least one frame, not {size}")
+    if MIN_BATCH <= size <= MAX_BATCH:
+        return []
+    if not any_size:
+        raise CurationError(
+            f"batch size {size} is outside {MIN_BATCH}-{MAX_BATCH}: {WHY_30_TO_50}. Pass --any-size to make it anyway"
+        )
+    return [f"batch size {size} is outside {MIN_BATCH}-{MAX_BATCH}: {WHY_30_TO_50}"]
+
+
+class Curation:
+    """Curation of one server's inbox into its training set.
+
+    Args:
+        config: The ``curation:`` section.
+        inbox_dataset: The inbox's FiftyOne dataset name.
+        registry: Where the curation model comes from when ``config.model.path`` is unset.
+        space: An already loaded curation model (tests, benchmarks); built lazily otherwise.
+    """
+
+    def __init__(
+        self,
+        config: CurationConfig,
+        *,
+        inbox_dataset: str,
+        registry: ModelRegistry | None = None,
+        space: CurationSpace | None = None,
+    ) -> None:
+        self.config = config
+        self.inbox_name = inbox_dataset
+        self.registry = registry
+        self.store = CurationStore(config.root)
+        if space is not None:
+            self.__dict__["space"] = space
+
+    @classmethod
+    def from_server_config(cls, cfg: ServerConfig) -> Curation:
+        """Curation as the server at ``cfg`` is set up (FiftyOne must be configured for its database)."""
+        from server.registry.store import ModelRegistry
+
+        return cls(cfg.curation, inbox_dataset=cfg.inbox.dataset, registry=ModelRegistry(cfg.registry))
+
+    # -- parts, loaded on first use ------------------------------------------------------------
+
+    @cached_property
+    def space(self) -> CurationSpace:
+        """The curation model (see :mod:`server.curation.embeddings`)."""
+        return CurationSpace.from_config(self.config.model, self.registry)
+
+    @cached_property
+    def inbox(self) -> fo.Dataset:
+        from server.store.inbox import Inbox, InboxConfig
+
+        dataset = Inbox(InboxConfig(dataset=self.inbox_name)).dataset
+        ensure_inbox_fields(dataset)
+        return dataset
+
+    @cached_property
+    def training(self) -> fo.Dataset:
+        return open_training_dataset(self.config.training_dataset)
+
+    @property
+    def classes(self) -> list[str]:
+        """The training set's classes: configured, else the curation model's."""
+        return list(self.config.classes) if self.config.classes else self.space.class_names
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def next_batch(self, size: int | None = None, *, any_size: bool = False) -> BatchResult:
+        """Pick the next review batch from the unbatched inbox frames and show it in the App.
+
+        Args:
+            size: Frames wanted (default ``config.batch_size``).
+            any_size: Allow a size outside 30-50 (with a warning).
+
+        Raises:
+            CurationError: a size outside 30-50 without ``any_size``; no frame left to review.
+            CurationModelError: no usable curation model.
+        """
+        size = self.config.batch_size if size is None else size
+        warnings = check_batch_size(size, any_size)
+        space, inbox = self.space, self.inbox
+        ensure_label_schema(inbox, self.classes)
+        # Embeddings first, outside the lock: computing them may take a while, and they are cached.
+        self._vectors_of(inbox)
+        with self.store.lock():
+            self._repair_locked()
+            batched = self.store.batched_sample_ids()
+            pool_view = inbox.exclude(list(batched)) if batched else inbox.view()
+            pool_raw = space.vectors(pool_view)
+            curated_raw = {
+                TRAINING_SET: space.vectors(self.training),
+                OTHER_BATCHES: space.vectors(inbox.select(list(batched))) if batched else _empty(space.dim),
+            }
+            standardise = space.standardiser(pool_raw, *curated_raw.values())
+            pool = self._pool(pool_view, pool_raw, standardise(pool_raw))
+            near = self.config.near_duplicates
+            params = SelectionParams(
+                size=size,
+                class_cap=self.config.class_cap,
+                rule=NearDuplicateRule(near.distance * standardise.scale, near.hash_bits),
+                scale=standardise.scale,
+            )
+            selection = select_batch(pool, {k: standardise(v) for k, v in curated_raw.items()}, params)
+            if not selection.picked:
+                raise CurationError(
+                    f"no frame to review: {len(pool)} unbatched frames in {self.inbox_name}, "
+                    f"skipped as near-duplicates: {selection.skipped} ({selection.short_reason})"
+                )
+            if selection.short_reason:
+                warnings.append(f"the batch has {len(selection.picked)} of {size} frames: {selection.short_reason}")
+            ids = [pool_raw.ids[i] for i in selection.picked]
+            frame_ids = dict(zip(*pool_view.select(ids).values(["id", "frame_id"]), strict=True))
+            record = BatchRecord(
+                name=self.store.next_batch_name(),
+                created=now_iso(),
+                sample_ids=ids,
+                frame_ids=[frame_ids[i] or "" for i in ids],
+                model_version=space.model_version,
+                selection={
+                    "pool": len(pool),
+                    "skipped_near_duplicates": selection.skipped,
+                    "device_quotas": selection.quotas,
+                    "class_cap": params.per_class,
+                    "short_reason": selection.short_reason,
+                },
+            )
+            self.store.save_batch(record)  # the commit point: the batch exists from here on
+            show_batch(inbox, record)
+        logger.info("%s: %d frames from a pool of %d (skipped %s)", record.name, len(ids), len(pool), selection.skipped)
+        return BatchResult(record, len(pool), selection.skipped, warnings)
+
+    def _vectors_of(self, inbox: fo.Dataset) -> None:
+        self.space.vectors(inbox)
+        self.space.vectors(self.training)
+
+    def _pool(self, view: fo.DatasetView, raw: RawVectors, frames: FrameSet) -> Pool:
+        fields = ["uncertainty", "device_id", f"{PREDICTIONS}.detections.label", f"{PREDICTIONS}.detections.confidence"]
+        uncertainty, devices, labels, confidences = view.select(raw.ids, ordered=True).values(fields)
+        return Pool(
+            frames,
+            np.asarray([u or 0.0 for u in uncertainty], dtype=np.float64),
+            [d or "" for d in devices],
+            [primary_class(lab or [], conf or []) for lab, conf in zip(labels, confidences, strict=True)],
+        )
+
+    def batches(self) -> list[BatchRecord]:
+        """Every batch, oldest first."""
+        return self.store.batches()
+
+    def status(self, name: str) -> BatchReport:
+        """A batch's record and the state of its review (tags, edits) in the App.
+
+        Raises:
+            UnknownBatch: no such batch.
+        """
+        record = self.store.batch(name)
+        members = self.inbox.select(record.sample_ids)
+        tags, truth, predicted = members.values(["tags", GROUND_TRUTH, PREDICTIONS])
+        approved = reject = untagged = edited = 0
+        for t, gt, pred in zip(tags, truth, predicted, strict=True):
+            t = set(t or [])
+            if REJECT_TAG in t:
+                reject += 1
+            elif APPROVED_TAG in t:
+                approved += 1
+            else:
+                untagged += 1
+            edited += _boxes(gt) != _boxes(pred)
+        return BatchReport(record, approved, reject, untagged, edited)
+
+    def reject(self, name: str) -> BatchRecord:
+        """Reject a whole batch: none of its frames ever enters the training set (or another batch).
+
+        Raises:
+            UnknownBatch: no such batch.
+            CurationError: the batch was approved already.
+        """
+        with self.store.lock():
+            self._repair_locked()
+            record = self.store.batch(name)
+            if record.status == BatchStatus.REJECTED:
+                return record
+            if record.status == BatchStatus.APPROVED:
+                raise CurationError(f"{name} was approved into {record.version}; versions are never undone")
+            record.status, record.decided = BatchStatus.REJECTED, now_iso()
+            self.store.save_batch(record)
+            show_batch(self.inbox, record)
+        return record
+
+    def approve(self, name: str) -> ApprovalResult:
+        """Move a batch's approved frames, with their corrected ``ground_truth``, into the training set.
+
+        Records a new dataset version (the commit point), marks the batch approved and adds the
+        frames to the training dataset. Approving an approved batch changes nothing.
+
+        Raises:
+            UnknownBatch: no such batch.
+            ApprovalError: bad labels, conflicting tags or no approved frame (nothing changed).
+            CurationError: the batch was rejected, or the classes changed since the last version.
+        """
+        with self.store.lock():
+            self._repair_locked()
+            record = self.store.batch(name)
+            if record.status == BatchStatus.APPROVED and record.version:
+                return ApprovalResult(self.store.versions.load(record.version), record, already=True)
+            if record.status == BatchStatus.REJECTED:
+                raise CurationError(f"{name} was rejected: its frames never enter the training set")
+            classes = self.classes
+            decision = decide(self.inbox, record, classes, self.config.untagged)
+            versions = self.store.versions
+            parent = versions.latest()
+            if parent is not None and list(parent.classes) != classes:
+                raise CurationError(
+                    f"the training set's classes {list(parent.classes)} differ from {classes}: set curation.classes "
+                    "to the training set's (a new class needs a new training set)"
+                )
+            known = {f for ids in parent.splits.values() for f in ids} if parent else set()
+            fresh = [a for a in decision.approved if a.frame_id not in known]
+            counts = {s: parent.counts.get(s, 0) if parent else 0 for s in SPLITS}
+            before = parent.class_counts if parent else {}
+            class_counts = {s: {c: before.get(s, {}).get(c, 0) for c in classes} for s in SPLITS}
+            split_of = assign_splits([a.frame_id for a in fresh], counts, self.config.splits)
+            added = []
+            for a in sorted(fresh, key=lambda a: a.frame_id):
+                image, sha = versions.keep_image(Path(a.filepath))
+                sample = VersionSample(
+                    frame_id=a.frame_id,
+                    split=split_of[a.frame_id],
+                    image=image,
+                    image_sha256=sha,
+                    width=a.width,
+                    height=a.height,
+                    device_id=a.device_id,
+                    batch=name,
+                    boxes=a.boxes,
+                )
+                added.append(sample)
+                counts[sample.split] += 1
+                for b in sample.boxes:
+                    class_counts[sample.split][b.label] += 1
+            version = DatasetVersion(
+                id=versions.next_id(),
+                parent=parent.id if parent else None,
+                created=now_iso(),
+                batch=name,
+                classes=tuple(classes),
+                added=tuple(added),
+                splits=grow_splits(parent.splits if parent else {}, added),
+                counts=counts,
+                class_counts=class_counts,
+                test_frozen=is_test_frozen(counts, self.config.splits),
+                labels_sha256=chain_hash(parent.labels_sha256 if parent else "", classes, added),
+            )
+            versions.write(version)  # the commit point: the approval has happened from here on
+            record.status, record.decided, record.version = BatchStatus.APPROVED, version.created, version.id
+            record.approved = [a.frame_id for a in decision.approved]
+            record.rejected, record.excluded = decision.rejected, decision.excluded
+            self.store.save_batch(record)
+            self._follow_versions(copy_from={a.frame_id: a.sample_id for a in decision.approved})
+            show_batch(self.inbox, record)
+        logger.info("%s approved into %s: %d frames", name, version.id, len(added))
+        return ApprovalResult(version, record)
+
+    # -- versions (files only) ------------------------------------------------------------------
+
+    def versions(self) -> list[DatasetVersion]:
+        """Every dataset version, oldest first."""
+        return [self.store.versions.load(vid) for vid in self.store.versions.ids()]
+
+    def version(self, vid: str) -> DatasetVersion:
+        """One dataset version.
+
+        Raises:
+            VersionError: unknown or damaged.
+        """
+        return self.store.versions.load(vid)
+
+    def latest_version(self) -> DatasetVersion | None:
+        return self.store.versions.latest()
+
+    def export(self, vid: str, out: Path) -> Path:
+        """Write version ``vid`` as a YOLO directory; returns its ``data.yaml`` (see :func:`export_yolo`)."""
+        return export_yolo(self.store.versions, vid, out)
+
+    def report(self) -> Report:
+        """Class balance per version and split, and the seeds' warnings about the latest version."""
+        versions = self.versions()
+        near: NearDuplicateCount | None = None
+        note = ""
+        if versions:
+            try:
+                near = self._near_duplicates_in_training()
+            except CurationError as err:
+                note = str(err)
+        report = build_report(versions, near)
+        report.near_duplicates_note = note
+        return report
+
+    def _near_duplicates_in_training(self) -> NearDuplicateCount:
+        with self.store.lock():
+            self._repair_locked()
+        raw = self.space.vectors(self.training)
+        standardise = self.space.standardiser(raw)
+        rule = NearDuplicateRule(
+            self.config.near_duplicates.distance * standardise.scale, self.config.near_duplicates.hash_bits
+        )
+        dup = rule.duplicated_within(standardise(raw))
+        return NearDuplicateCount(int(dup.sum()), len(raw.ids))
+
+    # -- crash repair ----------------------------------------------------------------------------
+
+    def repair(self) -> None:
+        """Finish what a crash cut short: batch records behind their version, the training dataset
+        behind the latest version, a batch's App state behind its record."""
+        with self.store.lock():
+            self._repair_locked()
+
+    def _repair_locked(self) -> None:
+        # Other processes (the CLI, the App's plugin) change these datasets: start from the database.
+        self.inbox.reload()
+        self.training.reload()
+        versions = self.store.versions
+        for vid in versions.ids():
+            v = versions.load(vid)
+            record = self.store.batch(v.batch)
+            if record.status != BatchStatus.APPROVED or record.version != v.id:
+                logger.warning("%s: recorded in %s but not marked approved (a crash?): marking it", v.batch, vid)
+                taken = {s.frame_id for s in v.added}
+                record.status, record.decided, record.version = BatchStatus.APPROVED, v.created, v.id
+                record.approved = [f for f in record.frame_ids if f in taken]
+                record.excluded = [f for f in record.frame_ids if f not in taken and f not in record.rejected]
+                self.store.save_batch(record)
+        self._follow_versions()
+        for record in self.store.batches():
+            members = self.inbox.select(record.sample_ids)
+            marked = len(members.match({"batch": record.name}))
+            if marked != len(record.sample_ids) or record.name not in self.inbox.list_saved_views():
+                logger.warning("%s: its App state is incomplete (a crash?): restoring it", record.name)
+                show_batch(self.inbox, record)
+
+    def _follow_versions(self, copy_from: dict[str, str] | None = None) -> None:
+        latest = self.store.versions.latest()
+        if latest is None or mirrored_version(self.training) == latest.id:
+            return
+        extras = {}
+        if copy_from:
+            rows = self.inbox.select(list(copy_from.values())).values(["frame_id", *_COPIED_FIELDS])
+            extras = {row[0]: dict(zip(_COPIED_FIELDS, row[1:], strict=True)) for row in zip(*rows, strict=True)}
+        sync_training_dataset(self.training, self.store.versions, latest.id, extras)
+
+
+def _empty(dim: int) -> RawVectors:
+    return RawVectors([], np.zeros((0, dim), np.float32), np.zeros(0, np.uint64), [])
+
+
+def _boxes(labels: fo.Detections | None) -> list[tuple[str, tuple[float, ...]]]:
+    if labels is None:
+        return []
+    return sorted((d.label, tuple(round(v, 6) for v in d.bounding_box)) for d in labels.detections)

@@ -1,0 +1,167 @@
+"""Curation against a real FiftyOne database, frames stored straight into an inbox: atomic approval
+across a crash at either side of its commit point, the untagged rule, near-duplicates of the
+training set, and the CLI's errors. (tests/test_curation.py runs the whole path from edge agents.)"""
+
+from __future__ import annotations
+
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeloop.domain import Detection, FrameRecord
+from edgeloop.synth.scenarios import get_scenario
+from edgeloop.synth.scenes import iter_scenes
+from server.curation.config import CurationConfig
+from server.curation.service import OTHER_BATCHES, TRAINING_SET, Curation
+from server.curation.store import BatchStatus, CurationError, CurationStore
+from server.curation.versions import VersionStore
+
+pytestmark = pytest.mark.slow
+CLASSES = ["circle", "square", "triangle"]
+
+
+def records(tmp_path, n: int, seed: int, device: str = "cam-1"):
+    """``n`` distinct still scenes as stored frames, predictions = truth, no edge embedding."""
+    out = []
+    for i, (image, labels) in enumerate(iter_scenes(get_scenario("shapes"), seed, n)):
+        path = tmp_path / f"{seed}-{i}.jpg"
+        cv2.imwrite(str(path), image)
+        h, w = image.shape[:2]
+        detections = [
+            Detection(box=lab.to_xyxy(w, h), class_id=lab.class_id, class_name=CLASSES[lab.class_id], confidence=0.5)
+            for lab in labels
+        ]
+        record = FrameRecord(
+            frame_id=uuid.uuid4().hex,
+            device_id=device,
+            capture_time=1.8e9 + i,
+            sequence=i,
+            model_version="some-other-model",
+            image=path.read_bytes(),
+            media_type="image/jpeg",
+            width=w,
+            height=h,
+            detections=detections,
+            uncertainty=float(np.random.default_rng(i).uniform(0.2, 1.0)),
+            class_names=CLASSES,
+        )
+        out.append((record, path))
+    return out
+
+
+@pytest.fixture
+def curation(inbox, tmp_path, shapes_release):
+    import fiftyone as fo
+
+    inbox.add_records(records(tmp_path, 12, seed=5))
+    config = CurationConfig(
+        root=tmp_path / "curation",
+        training_dataset=f"test-train-{uuid.uuid4().hex[:8]}",
+        model={"path": shapes_release.onnx},
+    )
+    yield Curation(config, inbox_dataset=inbox.name)
+    if fo.dataset_exists(config.training_dataset):
+        fo.load_dataset(config.training_dataset).delete()
+
+
+def state(curation: Curation) -> tuple:
+    import fiftyone as fo
+
+    store = CurationStore(curation.config.root)
+    name = curation.config.training_dataset
+    train = sorted(fo.load_dataset(name).values("frame_id")) if fo.dataset_exists(name) else []
+    return [b.model_dump() for b in store.batches()], store.versions.ids(), train
+
+
+def approve_all(curation: Curation, name: str) -> None:
+    for sample in curation.inbox.load_saved_view(name):
+        sample.tags.append("approved")
+        sample.save()
+
+
+def test_a_crash_before_the_version_record_changes_nothing(curation, monkeypatch):
+    name = curation.next_batch(6, any_size=True).batch.name
+    approve_all(curation, name)
+    before = state(curation)
+
+    def crash(self, record):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(VersionStore, "write", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        curation.approve(name)
+    assert state(curation) == before
+    monkeypatch.undo()
+    result = curation.approve(name)
+    assert result.version.id == "ds-0001" and len(result.version.added) == 6
+
+
+def test_a_crash_after_the_version_record_is_finished_by_the_next_call(curation, monkeypatch):
+    name = curation.next_batch(6, any_size=True).batch.name
+    approve_all(curation, name)
+    real_save = CurationStore.save_batch
+
+    def crash_when_approving(self, record):
+        if record.status == BatchStatus.APPROVED:
+            raise OSError("power cut")
+        real_save(self, record)
+
+    monkeypatch.setattr(CurationStore, "save_batch", crash_when_approving)
+    with pytest.raises(OSError, match="power cut"):
+        curation.approve(name)
+    monkeypatch.undo()
+    _, versions, train = state(curation)
+    assert versions == ["ds-0001"]  # the approval happened: its version is recorded
+    fresh = Curation(curation.config, inbox_dataset=curation.inbox_name, space=curation.space)
+    fresh.repair()
+    batches, versions, train = state(fresh)
+    assert batches[0]["status"] == "approved" and batches[0]["version"] == "ds-0001"
+    assert len(train) == 6 and fresh.approve(name).already
+
+
+def test_untagged_frames_follow_the_configured_rule(curation):
+    name = curation.next_batch(6, any_size=True).batch.name
+    samples = list(curation.inbox.load_saved_view(name))
+    samples[0].tags.append("reject")
+    samples[0].save()
+    taken = Curation(
+        curation.config.model_copy(update={"untagged": "approve"}),
+        inbox_dataset=curation.inbox_name,
+        space=curation.space,
+    ).approve(name)
+    assert len(taken.version.added) == 5 and taken.batch.rejected == [samples[0].frame_id]
+
+
+def test_a_copy_of_a_training_frame_is_never_offered_again(curation, inbox, tmp_path):
+    name = curation.next_batch(12, any_size=True).batch.name
+    approve_all(curation, name)
+    curation.approve(name)
+    # The same scenes again from another camera, and a few new ones.
+    (tmp_path / "again").mkdir()
+    copies = records(tmp_path / "again", 4, seed=5, device="cam-2")
+    (tmp_path / "new").mkdir()
+    new = records(tmp_path / "new", 3, seed=77, device="cam-2")
+    inbox.add_records(copies + new)
+    result = curation.next_batch(10, any_size=True)
+    assert result.skipped[TRAINING_SET] == 4 and result.skipped[OTHER_BATCHES] == 0
+    picked = set(result.batch.frame_ids)
+    assert not picked & {r.frame_id for r, _ in copies}
+    assert {r.frame_id for r, _ in new} <= picked
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(curation, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeloop.cli import app
+
+    config = tmp_path / "server.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'srv'}\ncuration: {{root: {curation.config.root}}}\n")
+    runner = CliRunner()
+    out = runner.invoke(app, ["curate", "export", "ds-0001", str(tmp_path / "x"), "--config", str(config)])
+    assert out.exit_code == 2 and "unknown dataset version ds-0001" in out.output
+    out = runner.invoke(app, ["curate", "versions", "--config", str(config)])
+    assert out.exit_code == 0 and "No dataset versions yet" in out.output
+    with pytest.raises(CurationError, match="outside 30-50"):
+        curation.next_batch(12)
