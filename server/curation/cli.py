@@ -163,6 +163,27 @@ def approve(
     typer.echo(f"training set: {splits}; labels sha256 {v.labels_sha256[:12]}")
 
 
+@curate_app.command("import")
+def import_labelled(
+    data: Annotated[Path, typer.Argument(help="A labelled YOLO data set's data.yaml (train, and val/test if any).")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Seed the training set with an existing labelled data set (a project's first model starts from it)."""
+    from edgeloop.yolo_dataset import DatasetError
+
+    _, curation = _connected(config)
+    try:
+        v = _run(lambda: curation.import_labelled(data))
+    except DatasetError as err:
+        raise _fail(str(err)) from err
+    if as_json:
+        _echo_json({"version": v.id, "counts": v.counts, "added": len(v.added)})
+        return
+    splits = ", ".join(f"{k} {n}" for k, n in v.counts.items())
+    typer.echo(f"{data}: {v.id} (parent {v.parent or 'none'}), {len(v.added)} images added; training set: {splits}")
+
+
 @curate_app.command("reject")
 def reject(batch: Annotated[str, typer.Argument(help="The batch (batch-001).")], config: ConfigOption = None) -> None:
     """Reject a whole batch: none of its frames enters the training set or a later batch."""

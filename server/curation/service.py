@@ -12,7 +12,9 @@ not, and an approval happens whole or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +39,7 @@ from server.curation.review import (
     GROUND_TRUTH,
     PREDICTIONS,
     REJECT_TAG,
+    Approved,
     decide,
     ensure_inbox_fields,
     ensure_label_schema,
@@ -46,7 +49,7 @@ from server.curation.selection import Pool, SelectionParams, primary_class, sele
 from server.curation.splits import SPLITS, assign_splits, is_test_frozen
 from server.curation.store import BatchRecord, BatchStatus, CurationError, CurationStore, now_iso
 from server.curation.training import mirrored_version, open_training_dataset, sync_training_dataset
-from server.curation.versions import DatasetVersion, VersionSample, chain_hash, export_yolo, grow_splits
+from server.curation.versions import Box, DatasetVersion, VersionSample, chain_hash, export_yolo, grow_splits
 
 if TYPE_CHECKING:
     import fiftyone as fo
@@ -55,6 +58,9 @@ if TYPE_CHECKING:
     from server.registry.store import ModelRegistry
 
 logger = logging.getLogger(__name__)
+
+#: The ``batch`` of a version made by :meth:`Curation.import_labelled` starts with this.
+IMPORTED = "import:"
 
 #: Names under which skipped near-duplicates are counted.
 TRAINING_SET = "training set"
@@ -266,6 +272,11 @@ class Curation:
             [primary_class(lab or [], conf or []) for lab, conf in zip(labels, confidences, strict=True)],
         )
 
+    def unbatched_count(self) -> int:
+        """Inbox frames in no batch yet: what the next batch is picked from."""
+        batched = self.store.batched_sample_ids()
+        return len(self.inbox.exclude(list(batched))) if batched else len(self.inbox)
+
     def batches(self) -> list[BatchRecord]:
         """Every batch, oldest first."""
         return self.store.batches()
@@ -330,59 +341,113 @@ class Curation:
                 raise CurationError(f"{name} was rejected: its frames never enter the training set")
             classes = self.classes
             decision = decide(self.inbox, record, classes, self.config.untagged)
-            versions = self.store.versions
-            parent = versions.latest()
-            if parent is not None and list(parent.classes) != classes:
-                raise CurationError(
-                    f"the training set's classes {list(parent.classes)} differ from {classes}: set curation.classes "
-                    "to the training set's (a new class needs a new training set)"
-                )
-            known = {f for ids in parent.splits.values() for f in ids} if parent else set()
-            fresh = [a for a in decision.approved if a.frame_id not in known]
-            counts = {s: parent.counts.get(s, 0) if parent else 0 for s in SPLITS}
-            before = parent.class_counts if parent else {}
-            class_counts = {s: {c: before.get(s, {}).get(c, 0) for c in classes} for s in SPLITS}
-            split_of = assign_splits([a.frame_id for a in fresh], counts, self.config.splits)
-            added = []
-            for a in sorted(fresh, key=lambda a: a.frame_id):
-                image, sha = versions.keep_image(Path(a.filepath))
-                sample = VersionSample(
-                    frame_id=a.frame_id,
-                    split=split_of[a.frame_id],
-                    image=image,
-                    image_sha256=sha,
-                    width=a.width,
-                    height=a.height,
-                    device_id=a.device_id,
-                    batch=name,
-                    boxes=a.boxes,
-                )
-                added.append(sample)
-                counts[sample.split] += 1
-                for b in sample.boxes:
-                    class_counts[sample.split][b.label] += 1
-            version = DatasetVersion(
-                id=versions.next_id(),
-                parent=parent.id if parent else None,
-                created=now_iso(),
-                batch=name,
-                classes=tuple(classes),
-                added=tuple(added),
-                splits=grow_splits(parent.splits if parent else {}, added),
-                counts=counts,
-                class_counts=class_counts,
-                test_frozen=is_test_frozen(counts, self.config.splits),
-                labels_sha256=chain_hash(parent.labels_sha256 if parent else "", classes, added),
-            )
-            versions.write(version)  # the commit point: the approval has happened from here on
+            version = self._new_version(name, decision.approved, classes)
+            self.store.versions.write(version)  # the commit point: the approval has happened from here on
             record.status, record.decided, record.version = BatchStatus.APPROVED, version.created, version.id
             record.approved = [a.frame_id for a in decision.approved]
             record.rejected, record.excluded = decision.rejected, decision.excluded
             self.store.save_batch(record)
             self._follow_versions(copy_from={a.frame_id: a.sample_id for a in decision.approved})
             show_batch(self.inbox, record)
-        logger.info("%s approved into %s: %d frames", name, version.id, len(added))
+        logger.info("%s approved into %s: %d frames", name, version.id, len(version.added))
         return ApprovalResult(version, record)
+
+    def _new_version(self, batch: str, approved: Sequence[Approved], classes: list[str]) -> DatasetVersion:
+        """The next dataset version: the parent's samples plus ``approved`` (those not in it yet), the
+        new ones assigned to splits by the policy. Keeps their images; writes no record (the caller's
+        commit point does)."""
+        versions = self.store.versions
+        parent = versions.latest()
+        if parent is not None and list(parent.classes) != classes:
+            raise CurationError(
+                f"the training set's classes {list(parent.classes)} differ from {classes}: set curation.classes "
+                "to the training set's (a new class needs a new training set)"
+            )
+        known = {f for ids in parent.splits.values() for f in ids} if parent else set()
+        fresh = [a for a in approved if a.frame_id not in known]
+        counts = {s: parent.counts.get(s, 0) if parent else 0 for s in SPLITS}
+        before = parent.class_counts if parent else {}
+        class_counts = {s: {c: before.get(s, {}).get(c, 0) for c in classes} for s in SPLITS}
+        split_of = assign_splits([a.frame_id for a in fresh], counts, self.config.splits)
+        added = []
+        for a in sorted(fresh, key=lambda a: a.frame_id):
+            image, sha = versions.keep_image(Path(a.filepath))
+            sample = VersionSample(
+                frame_id=a.frame_id,
+                split=split_of[a.frame_id],
+                image=image,
+                image_sha256=sha,
+                width=a.width,
+                height=a.height,
+                device_id=a.device_id,
+                batch=batch,
+                boxes=a.boxes,
+            )
+            added.append(sample)
+            counts[sample.split] += 1
+            for b in sample.boxes:
+                class_counts[sample.split][b.label] += 1
+        return DatasetVersion(
+            id=versions.next_id(),
+            parent=parent.id if parent else None,
+            created=now_iso(),
+            batch=batch,
+            classes=tuple(classes),
+            added=tuple(added),
+            splits=grow_splits(parent.splits if parent else {}, added),
+            counts=counts,
+            class_counts=class_counts,
+            test_frozen=is_test_frozen(counts, self.config.splits),
+            labels_sha256=chain_hash(parent.labels_sha256 if parent else "", classes, added),
+        )
+
+    def import_labelled(self, data_yaml: Path, *, name: str = "labelled") -> DatasetVersion:
+        """Seed the training set with an existing labelled YOLO data set (every split): a new version.
+
+        For a project's first model (nothing has been uploaded or curated yet) or a labelled set
+        bought in. The images are split by the same policy as approved batches; each gets the frame
+        id ``import-<sha256 prefix>``, so importing the same images again adds nothing.
+
+        Raises:
+            DatasetError: the data set cannot be read.
+            CurationError: its class names differ from the training set's.
+        """
+        import cv2
+
+        from edgeloop.yolo_dataset import load_yolo_dataset
+
+        data = load_yolo_dataset(data_yaml)
+        entries: list[Approved] = []
+        seen: set[str] = set()
+        for items in data.splits.values():
+            for item in items:
+                image = cv2.imread(str(item.image), cv2.IMREAD_COLOR)
+                if image is None:
+                    logger.warning("import: skipping unreadable image %s", item.image)
+                    continue
+                frame_id = "import-" + hashlib.sha256(item.image.read_bytes()).hexdigest()[:24]
+                if frame_id in seen:
+                    continue
+                seen.add(frame_id)
+                boxes = tuple(
+                    Box(label=data.names[lab.class_id], box=_relative_xywh(lab.cx, lab.cy, lab.w, lab.h))
+                    for lab in item.labels()
+                    if 0 <= lab.class_id < len(data.names)
+                )
+                height, width = image.shape[:2]
+                entries.append(Approved("", frame_id, str(item.image), width, height, "", boxes))
+        with self.store.lock():
+            self._repair_locked()
+            parent = self.store.versions.latest()
+            known = {f for ids in parent.splits.values() for f in ids} if parent else set()
+            if parent is not None and all(e.frame_id in known for e in entries):
+                logger.info("import: every image of %s is in %s already", data_yaml, parent.id)
+                return parent
+            version = self._new_version(f"{IMPORTED}{name}:{data_yaml.parent.name}", entries, list(data.names))
+            self.store.versions.write(version)  # the commit point
+            self._follow_versions()
+        logger.info("imported %d labelled images from %s into %s", len(version.added), data_yaml, version.id)
+        return version
 
     # -- versions (files only) ------------------------------------------------------------------
 
@@ -445,6 +510,8 @@ class Curation:
         versions = self.store.versions
         for vid in versions.ids():
             v = versions.load(vid)
+            if v.batch.startswith(IMPORTED):
+                continue  # an imported data set has no batch record to bring up to date
             record = self.store.batch(v.batch)
             if record.status != BatchStatus.APPROVED or record.version != v.id:
                 logger.warning("%s: recorded in %s but not marked approved (a crash?): marking it", v.batch, vid)
@@ -480,3 +547,10 @@ def _boxes(labels: fo.Detections | None) -> list[tuple[str, tuple[float, ...]]]:
     if labels is None:
         return []
     return sorted((d.label, tuple(round(v, 6) for v in d.bounding_box)) for d in labels.detections)
+
+
+def _relative_xywh(cx: float, cy: float, w: float, h: float) -> tuple[float, float, float, float]:
+    """A YOLO box (centre, size) as FiftyOne's relative ``[x, y, w, h]``, clipped into the image."""
+    x1, y1 = min(max(cx - w / 2, 0.0), 1.0), min(max(cy - h / 2, 0.0), 1.0)
+    x2, y2 = min(max(cx + w / 2, 0.0), 1.0), min(max(cy + h / 2, 0.0), 1.0)
+    return x1, y1, x2 - x1, y2 - y1

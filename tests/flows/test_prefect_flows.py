@@ -203,6 +203,18 @@ def test_a_training_that_fails_fails_the_run_and_leaves_production_untouched(ser
     assert unknown.state.is_failed() and "unknown dataset version 'ds-9999'" in unknown.state.message
 
 
+def test_the_curators_start_retraining_button_starts_the_retrain_deployment(served, retrained):
+    """The FiftyOne operator's hook: a run of the served retrain deployment (here on an unknown
+    version, so it ends quickly, and says so)."""
+    from flows.client import wait_for_run
+    from server.curation.hooks import start_retraining
+
+    run_id = start_retraining("ds-4242")
+    outcome = wait_for_run(run_id, RUN_TIMEOUT_S)
+    assert outcome.final and outcome.state == "Failed", outcome
+    assert "unknown dataset version 'ds-4242'" in outcome.message
+
+
 def test_trigger_and_curate_run_through_prefect(served, retrained):
     trigger = _run("trigger/trigger", {}, served)
     assert trigger.state.is_completed(), trigger.state.message

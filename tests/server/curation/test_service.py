@@ -165,3 +165,74 @@ def test_cli_errors_are_one_line_with_exit_status_2(curation, tmp_path):
     assert out.exit_code == 0 and "No dataset versions yet" in out.output
     with pytest.raises(CurationError, match="outside 30-50"):
         curation.next_batch(12)
+
+
+def test_a_labelled_data_set_seeds_the_training_set_once(curation, tmp_path):
+    """A project's first model trains from a bought-in or synthetic labelled set: import it as a version."""
+    from edgeloop.synth.scenes import write_dataset
+    from edgeloop.yolo_dataset import load_yolo_dataset
+
+    data_yaml = write_dataset(tmp_path / "seed", get_scenario("shapes"), n=40, seed=9, val_fraction=0.2)
+    version = curation.import_labelled(data_yaml)
+    assert version.parent is None and len(version.added) == 40 and sum(version.counts.values()) == 40
+    assert version.counts["test"] >= 1 and version.counts["val"] >= 1  # the split policy, not the data set's
+    assert list(version.classes) == CLASSES
+    # the labels survive the trip: export the version and read the same boxes back (as sets per image)
+    exported = load_yolo_dataset(curation.export(version.id, tmp_path / "export"))
+    source = load_yolo_dataset(data_yaml)
+
+    def boxes(items):
+        return sorted(
+            tuple(round(v, 4) for v in (lab.class_id, lab.cx, lab.cy, lab.w, lab.h))
+            for it in items
+            for lab in it.labels()
+        )
+
+    assert boxes([i for s in exported.splits.values() for i in s]) == boxes(
+        [i for s in source.splits.values() for i in s]
+    )
+    # importing the same images again adds nothing, and writes no version
+    assert curation.import_labelled(data_yaml).id == version.id
+    assert len(curation.versions()) == 1
+
+
+def test_the_flows_see_curation_through_the_server_provider(curation, fiftyone_env, tmp_path):
+    """flows.curation's four calls over the server's curation state (server.curation.flows_provider)."""
+    import yaml
+
+    from edgeloop.synth.scenes import write_dataset
+    from flows.curation import Curation as FlowsCuration
+    from flows.curation import DatasetVersionError
+    from server.curation.flows_provider import factory
+
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "server"),
+                "mongo": {"uri": fiftyone_env},
+                "inbox": {"dataset": curation.inbox_name},
+                "curation": {
+                    "root": str(curation.config.root),
+                    "training_dataset": curation.config.training_dataset,
+                    "model": {"path": str(curation.config.model.path)},
+                },
+            }
+        )
+    )
+    provider = factory(str(config))
+    assert isinstance(provider, FlowsCuration)
+    assert provider.latest_version() is None
+    first = curation.import_labelled(write_dataset(tmp_path / "a", get_scenario("shapes"), n=20, seed=3))
+    assert provider.latest_version() == first.id
+    assert provider.unconsumed_samples(first.id, None) == 20
+    assert provider.unconsumed_samples(first.id, first.id) == 0
+    data_yaml = provider.export(first.id, tmp_path / "export")
+    assert set(yaml.safe_load(data_yaml.read_text())) >= {"train", "val", "test", "names"}
+    with pytest.raises(DatasetVersionError):
+        provider.export("ds-0099", tmp_path / "nowhere")
+    # a batch only once enough frames wait (the fixture's inbox holds 12)
+    assert provider.next_batch(min_new=13) is None
+    name = provider.next_batch(min_new=12)
+    assert name == "batch-001" and name in curation.inbox.list_saved_views()
+    assert provider.next_batch(min_new=1) != name  # batch-001 is never handed out again
