@@ -24,6 +24,7 @@ COUNTERS = {
     "frames_deduplicated": "Kept frames dropped as near-duplicates of a recent one.",
     "frames_enqueued": "Frames durably written to the outbox.",
     "frames_uploaded": "Frames the receiver acknowledged as stored.",
+    "bytes_uploaded": "Bytes of frames (serialized uploads) the receiver acknowledged as stored.",
     "frames_evicted": "Frames evicted from a full outbox (lowest score first).",
     "frames_dropped_disk_full": (
         "Kept frames not enqueued because the outbox's volume had no room (outbox.min_free_bytes, or a full disk)."

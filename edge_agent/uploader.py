@@ -135,6 +135,8 @@ class Uploader:
         self._batch_limit = min(self.config.batch_size, self._batch_limit * 2)
         durable = [a.frame_id for a in acks if a.durable]
         self.metrics.inc("frames_uploaded", self.outbox.ack(durable))
+        stored = set(durable)
+        self.metrics.inc("bytes_uploaded", sum(p.size for p in batch if p.frame_id in stored))
         for ack in acks:
             if ack.status == AckStatus.REJECTED and self.outbox.reject(ack.frame_id, ack.message):
                 self.metrics.inc("frames_rejected")

@@ -108,6 +108,9 @@ def test_offline_frames_wait_on_disk_then_arrive_byte_identical(kind, tmp_path, 
             assert agent.uploader.drain(timeout=30), "outbox did not drain after the receiver came back"
             assert receiver.frames == stored  # byte-identical, each exactly once
             assert agent.outbox.depth == 0
+            snapshot = agent.metrics.snapshot()
+            assert snapshot["frames_uploaded"] == 4
+            assert snapshot["bytes_uploaded"] == sum(len(p) for p in stored.values())
         finally:
             receiver.stop()
     finally:
