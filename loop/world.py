@@ -3,7 +3,8 @@
 Two worlds: **A**, which the first model is trained on, and **B**, which the cameras show: the
 same classes after a domain shift (new backgrounds, looks and sizes, or lighting). From the
 synthetic scenes (default) the demo writes A's labelled stills, one recorded video per camera of B
-with a label file per frame (the oracle's truth), and a labelled still set of B: the frozen test
+(a new scene every few seconds, as a patrolling camera sees) with a label file per frame (the
+oracle's truth), and a labelled still set of B: the frozen test
 split every round's model is scored on. With ``--data DATA.yaml`` (any YOLO data set with train
 and test splits) A is a small random share of the training photos, the cameras play camera-like
 streams made from the other training photos (:mod:`edgeloop.synth.photo_stream`), and B's test
@@ -58,7 +59,8 @@ class WorldSize:
     """How much of each the demo writes (``--quick`` is smaller)."""
 
     train_a: int = 160
-    frames_per_camera: int = 300
+    frames_per_camera: int = 600
+    scene_length: int = 10  # the camera cuts to a new scene every this many frames
     test_b: int = 60
     width: int = 320
     height: int = 240
@@ -107,7 +109,7 @@ def synthetic_world(root: Path, size: WorldSize, cameras: int = 2, seed: int = 0
         source_id = f"cam-{i + 1}"
         video = write_video(
             root / "cameras" / f"{source_id}.mp4", b, size.frames_per_camera, seed + 10 + i, fps=size.fps,
-            labels_dir=root / "cameras" / f"{source_id}-labels",
+            labels_dir=root / "cameras" / f"{source_id}-labels", scene_length=size.scene_length,
         )  # fmt: skip
         cams.append(Camera(source_id, str(video), sequence=True, fps=size.fps))
         truth[source_id] = CameraTruth(root / "cameras" / f"{source_id}-labels", size.frames_per_camera)

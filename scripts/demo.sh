@@ -1,24 +1,17 @@
 #!/usr/bin/env bash
-# The demo: set up .venv (scripts/setup.sh), then run the loop on this machine with the real
-# pretrained detector and real COCO images from ../shared:
-#   1. a dry run: what the edge agent would keep, and why (per image: detections, score, reasons);
-#   2. `edgeloop demo`: a server (bundled MongoDB, FiftyOne inbox, gRPC ingest + model registry),
-#      the detector published as release v1, and an edge agent that fetches v1 (signature and
-#      sha256 checked), keeps the uncertain frames and uploads them into the FiftyOne inbox.
-# `bash scripts/demo.sh --serve` keeps the FiftyOne App up for review (Ctrl-C to stop).
+# The demo: set up .venv (scripts/setup.sh), then run the whole active-learning loop on this machine:
+# a first model trained on world A, two cameras watching a shifted world B, rounds of
+# curate -> label (an oracle with the scenes' truth) -> approve -> retrain (Prefect) -> gate ->
+# release canary-first -> swap, and a report of each round in .demo-report/.
+#   bash scripts/demo.sh                  # the default demo (under 20 minutes on 2 cores after install)
+#   bash scripts/demo.sh --quick          # what CI runs (~6 minutes)
+#   bash scripts/demo.sh --open-app       # leave the FiftyOne App and the Prefect UI up at the end
+#   bash scripts/demo.sh --data DATA.yaml # any YOLO data set with train and test splits
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SHARED=${EDGELOOP_SHARED:-../shared}
-MODEL=$SHARED/models/yolov8n_int8.onnx
-IMAGES=$SHARED/data/coco8/images
-[ -f "$MODEL" ] || { echo "demo: $MODEL not found (put the shared data beside the checkout, or set EDGELOOP_SHARED)"; exit 2; }
+BASE=$SHARED/models/yolov8n_coco_dequant.pt
+[ -f "$BASE" ] || { echo "demo: $BASE not found (put the shared data beside the checkout, or set EDGELOOP_SHARED)"; exit 2; }
 export PATH="$PWD/.venv/bin:$PATH"
-
-echo; echo "== 1. dry run: what the agent would keep, and why"
-edgeloop agent score "$IMAGES/val" --model "$MODEL"
-
-echo; echo "== 2. the loop: server + FiftyOne + registry + an edge agent on a camera"
-app=--no-app
-for arg in "$@"; do [ "$arg" = --serve ] && app=--app; done  # serving is for reviewing in the App
-edgeloop demo --workdir .demo --model "$MODEL" --source "$IMAGES/train" "$app" "$@"
+edgeloop demo --base-checkpoint "$BASE" --report .demo-report "$@"

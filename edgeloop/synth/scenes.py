@@ -756,6 +756,22 @@ def _open_writer(path: Path, fps: float, size: tuple[int, int]) -> tuple[cv2.Vid
     raise SynthError(f"OpenCV can write neither mp4v (.mp4) nor MJPG (.avi) video to {path.parent}")
 
 
+def iter_camera_frames(params: SceneParams, n: int, seed: int, scene_length: int | None = None) -> Iterator[Scene]:
+    """``n`` frames of a camera; with ``scene_length``, the view cuts to a new scene every that many frames.
+
+    A fixed camera shows one scene for ever (:func:`iter_video_frames`); a patrolling PTZ camera, or
+    a feed that cycles through cameras, shows a new one now and then. Each scene is its own
+    :func:`iter_video_frames` stream, seeded from ``(seed, scene number)``.
+    """
+    if scene_length is None or scene_length >= n:
+        yield from iter_video_frames(params, n, seed)
+        return
+    if scene_length < 1:
+        raise ValueError(f"scene_length must be >= 1, got {scene_length}")
+    for k, start in enumerate(range(0, n, scene_length)):
+        yield from iter_video_frames(params, min(scene_length, n - start), seed * 100_003 + k)
+
+
 def write_video(
     path: str | os.PathLike[str],
     params: SceneParams,
@@ -763,12 +779,14 @@ def write_video(
     seed: int,
     fps: float = 10,
     labels_dir: str | os.PathLike[str] | None = None,
+    scene_length: int | None = None,
 ) -> Path:
-    """Write ``n`` frames of :func:`iter_video_frames` as a video; returns the file actually written.
+    """Write ``n`` frames of :func:`iter_camera_frames` as a video; returns the file actually written.
 
     The file is ``path`` with suffix ``.mp4`` (codec mp4v), or ``.avi`` (MJPG) where this OpenCV
     build cannot write mp4v; the fallback is logged. With ``labels_dir``, each frame's YOLO labels
-    go to ``labels_dir/NNNNNN.txt`` (frame index), the ground truth of the stream.
+    go to ``labels_dir/NNNNNN.txt`` (frame index), the ground truth of the stream. With
+    ``scene_length``, the camera cuts to a new scene every that many frames.
     """
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
@@ -777,7 +795,7 @@ def write_video(
     if lab is not None:
         lab.mkdir(parents=True, exist_ok=True)
     try:
-        for i, (image, labels) in enumerate(iter_video_frames(params, n, seed)):
+        for i, (image, labels) in enumerate(iter_camera_frames(params, n, seed, scene_length)):
             writer.write(image)
             if lab is not None:
                 (lab / f"{i:06d}.txt").write_text(format_labels(labels))
