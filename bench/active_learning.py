@@ -18,12 +18,13 @@ fine-tuned (transfer learning) on every label so far, and scored on the frozen t
 
 Pools, both reported:
 
-* ``camera``: camera-like streams. For ``synthetic``: fixed cameras watching moving objects, most in
-  the world the seed model knows (``shapes``), a minority in shifted worlds (night, new looks,
-  crowds); consecutive frames are near-duplicates. For a real data set (``--data``): each training
-  photo becomes a short clip of jittered frames (small shifts and zooms), long clips for photos of
-  the common classes and short ones for photos with a rare class, so the stream is mostly what the
-  model handles already and a minority is what it needs.
+* ``camera``: camera-like streams. For ``synthetic``: cameras watching moving objects (a new scene
+  every 10 frames), most in the world the seed model knows (``shapes``), a minority in shifted
+  worlds (night, new looks, crowds); consecutive frames are near-duplicates. For a real data set
+  (``--data``): each training photo becomes a short clip of jittered frames (small shifts and
+  zooms; ``edgeloop.synth.photo_stream``), long clips for photos of the common classes and short
+  ones for photos with a rare class, so the stream is mostly what the model handles already and
+  a minority is what it needs.
 * ``iid``: the training photos (or synthetic stills of the same worlds) once each, shuffled: here
   parity with random is the honest expectation.
 
@@ -55,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeloop.synth.scenarios import get_scenario  # noqa: E402
-from edgeloop.synth.scenes import format_labels, iter_scenes, iter_video_frames  # noqa: E402
+from edgeloop.synth.scenes import format_labels, iter_camera_frames, iter_scenes  # noqa: E402
 from edgeloop.yolo_dataset import YoloDataset, load_yolo_dataset  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -69,21 +70,22 @@ STRATEGIES = ["edgeloop", "edgeloop-no-diversity", "random"]
 class Settings:
     """One run's sizes; ``--quick`` shrinks them for a smoke run (not for conclusions)."""
 
-    rounds: int = 4
-    per_round: int = 40
+    rounds: int = 3
+    per_round: int = 30
     seeds: int = 3
     epochs: int = 8
-    seed_epochs: int = 12
+    seed_epochs: int = 25
     imgsz: int = 320
     seed_labels: int = 40
     synth_size: tuple[int, int] = (320, 240)
     cameras: int = 16
     clip_frames: int = 40
+    scene_length: int = 10  # a camera cuts to a new scene every this many frames (consecutive ones: near-duplicates)
     test_per_world: int = 20
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(rounds=2, per_round=30, epochs=3, seed_epochs=5, imgsz=224, cameras=8, clip_frames=20,
+        return cls(rounds=2, per_round=30, epochs=3, seed_epochs=10, imgsz=224, cameras=8, clip_frames=20,
                    test_per_world=8, seed_labels=30)  # fmt: skip
 
 
@@ -125,7 +127,8 @@ def synthetic_data(work: Path, s: Settings, seed: int) -> tuple[Pool, Pool, Path
     plan = [KNOWN_WORLD if i % 4 else SHIFTS[(i // 4) % len(SHIFTS)] for i in range(s.cameras)]
     camera = []
     for cam, world in enumerate(plan):
-        for k, scene in enumerate(iter_video_frames(worlds[world], s.clip_frames, seed * 1000 + cam)):
+        frames = iter_camera_frames(worlds[world], s.clip_frames, seed * 1000 + cam, s.scene_length)
+        for k, scene in enumerate(frames):
             img, lab = _write(work / "pool-camera", f"c{cam:02d}-{k:04d}", scene.image, format_labels(scene.labels))
             camera.append(PoolFrame(img, lab, f"cam-{cam:02d}", k, world))
     iid = []
@@ -224,40 +227,57 @@ def evaluate(checkpoint: Path, data_yaml: Path, imgsz: int) -> tuple[float, floa
 
 @dataclass
 class Scored:
-    """What the edge agent says about each pool frame with the current model."""
+    """What the edge agent says about each pool frame with the current model, and the labelled
+    frames in the same embedding space (for curation's near-duplicate check against the training set)."""
 
     score: np.ndarray
     keep: np.ndarray
-    embedding: np.ndarray | None
-    classes: list[list[int]]
+    embedding: np.ndarray
+    hashes: np.ndarray
+    classes: list[str]  # main predicted class per frame ("" for none)
+    labelled_embedding: np.ndarray
+    labelled_hashes: np.ndarray
+    scale: float  # the model's reference q50: curation's unit of distance
 
 
 def score_pool(pool: Pool, checkpoint: Path, labelled_images: list[Path], imgsz: int, work: Path) -> Scored:
     """Run the agent's detector and triggers over the pool, a camera's frames in order."""
+    from edge_agent.budget import dhash
     from edge_agent.detectors.onnxruntime import OnnxRuntimeDetector, OnnxRuntimeDetectorConfig
     from edge_agent.triggers import TriggersConfig, UncertaintyScorer
     from flows.training.trainer import export_onnx
+    from server.curation.selection import primary_class
     from server.registry.prepare import prepare_model
 
     raw = export_onnx(checkpoint, work / "model-raw.onnx", imgsz=imgsz)
     release = work / "model.onnx"
     prepare_model(raw, release, labelled_images)
     detector = OnnxRuntimeDetector(OnnxRuntimeDetectorConfig(model=release))
+    ref = detector.reference
     scorer = UncertaintyScorer(TriggersConfig.model_validate({"random": {"enabled": False}}), seed=0)
-    scores, keeps, embeddings, classes = [], [], [], []
+    scores, keeps, embeddings, hashes, classes = [], [], [], [], []
     for i, f in enumerate(pool.frames):
         image = cv2.imread(str(f.image))
         out = detector.detect_all(image)
         verdict = scorer.score(
             f.camera, out.detections, i * 0.1, image_size=(image.shape[1], image.shape[0]),
             class_names=detector.class_names, weak=out.weak, embedding=out.embedding,
-            reference=detector.reference, stream=pool.stream,
+            reference=ref, stream=pool.stream,
         )  # fmt: skip
         scores.append(verdict.score)
         keeps.append(verdict.keep)
-        embeddings.append(detector.reference.project(out.embedding))
-        classes.append([d.class_id for d in out.detections if d.confidence >= 0.25])
-    return Scored(np.array(scores), np.array(keeps), np.stack(embeddings), classes)
+        embeddings.append(ref.project(out.embedding))
+        hashes.append(dhash(image))
+        classes.append(primary_class([d.class_name for d in out.detections], [d.confidence for d in out.detections]))
+    lab_emb, lab_hash = [], []
+    for path in labelled_images:
+        image = cv2.imread(str(path))
+        lab_emb.append(ref.project(detector.detect_all(image).embedding))
+        lab_hash.append(dhash(image))
+    return Scored(
+        np.array(scores), np.array(keeps), np.stack(embeddings), np.array(hashes, np.uint64), classes,
+        np.stack(lab_emb), np.array(lab_hash, np.uint64), ref.q50,
+    )  # fmt: skip
 
 
 Selector = Callable[[Pool, set[int], int, np.random.Generator, Callable[[], Scored]], list[int]]
@@ -285,23 +305,34 @@ def select_top_score(pool: Pool, labelled: set[int], k: int, rng: np.random.Gene
 
 
 def select_edgeloop(pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, score: Callable) -> list[int]:
-    from server.curation.selection import Candidate, select_batch
+    """The product's batch selection (server.curation.selection) over what the agent kept, with the
+    product's defaults (class cap, near-duplicate rule); topped up by score when it picks fewer than
+    ``k`` (near-duplicates, class cap), so every strategy spends the same labels per round."""
+    from server.curation.config import CurationConfig
+    from server.curation.duplicates import FrameSet, NearDuplicateRule
+    from server.curation.selection import Pool as CurationPool
+    from server.curation.selection import SelectionParams, select_batch
 
     scored = score()
     cands = _candidates(pool, labelled, scored, k)
-    picked = select_batch(
-        [
-            Candidate(
-                index=i,
-                uncertainty=float(scored.score[i]),
-                embedding=scored.embedding[i],
-                classes=scored.classes[i],
-                device=pool.frames[i].camera,
-            )  # fmt: skip
-            for i in cands
-        ],
-        k,
+    cfg = CurationConfig()
+    candidates = CurationPool(
+        FrameSet(scored.embedding[cands], scored.hashes[cands]),
+        scored.score[cands],
+        [pool.frames[i].camera for i in cands],
+        [scored.classes[i] for i in cands],
     )
+    done = sorted(labelled)
+    training = FrameSet(
+        np.concatenate([scored.labelled_embedding, scored.embedding[done]]),
+        np.concatenate([scored.labelled_hashes, scored.hashes[done]]),
+    )
+    rule = NearDuplicateRule(cfg.near_duplicates.distance * scored.scale, cfg.near_duplicates.hash_bits)
+    params = SelectionParams(size=k, class_cap=cfg.class_cap, rule=rule, scale=scored.scale)
+    picked = [cands[i] for i in select_batch(candidates, {"training set": training}, params).picked]
+    if len(picked) < k:
+        rest = sorted((i for i in cands if i not in set(picked)), key=lambda i: -scored.score[i])
+        picked += rest[: k - len(picked)]
     return sorted(picked)
 
 
