@@ -448,6 +448,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--per-round", type=int)
+    parser.add_argument("--epochs", type=int, help="Epochs per round's fine-tuning (default 8).")
+    parser.add_argument("--imgsz", type=int, help="Training and evaluation image size (default 320).")
     parser.add_argument("--pool", choices=["camera", "iid", "both"], default="both")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", type=Path, required=True)
@@ -457,7 +459,7 @@ def main() -> None:
     args = parser.parse_args()
 
     s = Settings.quick() if args.quick else Settings()
-    for name in ("seeds", "rounds", "per_round"):
+    for name in ("seeds", "rounds", "per_round", "epochs", "imgsz"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     strategies = args.strategies.split(",")

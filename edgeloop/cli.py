@@ -1,5 +1,9 @@
 """The ``edgeloop`` command line. Subcommands live beside the code they drive and are imported
-lazily, so ``edgeloop agent --help`` on a device never imports the server's dependencies."""
+lazily, so ``edgeloop agent --help`` on a device never imports the server's dependencies.
+
+This is the top of the import graph: it imports the parts' CLIs when the command line is built
+(``main()``, or the first use of ``edgeloop.cli.app``), never at import time, and nothing imports
+it back (``tests/test_layering.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import logging
 
 import typer
 
-app = typer.Typer(
+_app = typer.Typer(
     name="edgeloop",
     help="Edge-to-cloud active learning for object detection.",
     no_args_is_help=True,
@@ -16,7 +20,15 @@ app = typer.Typer(
 )
 
 
+_registered = False
+
+
 def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    app = _app
     from edge_agent.cli import app as agent_app
     from edgeloop.synth.cli import synth_command
 
@@ -44,11 +56,20 @@ def _register() -> None:
     app.add_typer(train_app, name="train", help="Training helpers: preview augmentation.")
 
 
-_register()
+def get_app() -> typer.Typer:
+    """The command line with every subcommand this install has."""
+    _register()
+    return _app
+
+
+def __getattr__(name: str) -> typer.Typer:  # ``from edgeloop.cli import app`` (tests, typer's CliRunner)
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    app()
+    get_app()()
 
 
 if __name__ == "__main__":

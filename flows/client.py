@@ -31,6 +31,21 @@ class RunOutcome:
     final: bool
 
 
+def _require_server() -> None:
+    """Refuse before Prefect's client would start a temporary in-process server of its own.
+
+    Without ``PREFECT_API_URL`` Prefect 3 quietly starts an ephemeral server: it has none of our
+    deployments and no worker serves it, so a run started there would never run.
+    """
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise FlowStartError(
+            "no Prefect server is configured (PREFECT_API_URL is not set): start one (`prefect server start`, "
+            "or `edgeloop demo`) and set PREFECT_API_URL=http://HOST:PORT/api"
+        )
+
+
 def start_deployment(deployment: str, parameters: dict[str, Any]) -> str:
     """Create a run of ``deployment`` with ``parameters``; return its id (it runs wherever the deployment is served).
 
@@ -40,6 +55,7 @@ def start_deployment(deployment: str, parameters: dict[str, Any]) -> str:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
+    _require_server()
     try:
         run = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
     except ObjectNotFound as err:
@@ -66,6 +82,7 @@ def wait_for_run(flow_run_id: str, timeout_s: float) -> RunOutcome:
     """Poll the run until it ends or ``timeout_s`` passes."""
     from prefect.client.orchestration import get_client
 
+    _require_server()
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while True:

@@ -29,8 +29,10 @@ def demo(
         Path, typer.Option(help="The pretrained checkpoint the first model is fine-tuned from.")
     ] = SHARED / "models" / "yolov8n_coco_dequant.pt",
 ) -> None:
-    """The whole active-learning loop on one machine: cameras keep what their model is unsure of, an oracle
-    curator labels review batches, Prefect flows retrain, gate and release, the cameras swap models."""
+    """The whole active-learning loop on one machine, round by round.
+
+    Cameras keep what their model is unsure of, an oracle curator labels review batches, Prefect
+    flows retrain, gate and release, the cameras swap models; each round is scored and reported."""
     from rich.console import Console
 
     from edgeloop.logs import setup_logging

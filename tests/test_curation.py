@@ -652,9 +652,10 @@ def test_7_plugin_operators_do_what_they_say(loop):
 
     # No Prefect server answers here (tests/flows/test_prefect_flows.py starts the deployment through
     # a real one): the button says why and what to do, and nothing else changes.
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+    # The operator runs on FiftyOne's own thread, where a context-local Prefect setting does not reach:
+    # the environment does. Port 9 (discard) refuses the connection.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
         retrain = foo.execute_operator(operator_uri("start_retraining"), ctx={"dataset": dataset})
     assert retrain.result["started"] is False and retrain.result["version"] == "ds-0003"
     assert "cannot start" in retrain.result["message"] and "edgeloop flows serve" in retrain.result["message"]
