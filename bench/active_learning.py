@@ -414,6 +414,11 @@ def summarise(runs: list[Run]) -> dict:
             entry["random_final_map50_95"] = target
             entry["edgeloop_labels_to_reach_it"] = need
             entry["edgeloop_share_of_random_labels"] = None if need is None else need / labels[-1]
+            # The seed labels are paid either way: the share of the labels a curator adds is the saving.
+            added = labels[-1] - labels[0]
+            entry["edgeloop_share_of_random_added_labels"] = (
+                None if need is None else max(0.0, need - labels[0]) / added if added else None
+            )
         out[pool] = entry
     return out
 
@@ -442,6 +447,41 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(result: dict, command: str) -> str:
+    """A section for docs/benchmarks.md: settings, the mean curves per pool, the summary, per-seed finals."""
+    st = result["settings"]
+    runs = [Run(**r) for r in result["runs"]]
+    seeds = sorted({r.seed for r in runs})
+    lines = [
+        f"`{command}` ({result['machine']}, {result['seconds'] / 60:.0f} min): {st['rounds']} rounds of "
+        f"{st['per_round']} labels after {st['seed_labels']} seed labels, {len(seeds)} seeds, "
+        f"{st['epochs']} epochs per round at {st['imgsz']} px (seed model: {st['seed_epochs']} epochs from the COCO "
+        "checkpoint); mean test mAP50-95 over the seeds (± standard deviation).",
+        "",
+    ]
+    for pool, summary in summarise(runs).items():
+        labels = summary["labels"]
+        lines += [f"**{pool} pool**", "", "| strategy | " + " | ".join(f"{n} labels" for n in labels) + " |",
+                  "|---|" + "---:|" * len(labels)]  # fmt: skip
+        for strategy in STRATEGIES:
+            rs = [r for r in runs if r.pool == pool and r.strategy == strategy]
+            if not rs:
+                continue
+            y = np.array([r.map50_95 for r in rs])
+            cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in zip(y.mean(0), y.std(0), strict=True)]
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        need, share = summary.get("edgeloop_labels_to_reach_it"), summary.get("edgeloop_share_of_random_labels")
+        if "random_final_map50_95" in summary:
+            added = summary["edgeloop_share_of_random_added_labels"]
+            reach = (f"edgeloop reaches it with **{need:.0f} labels ({share:.0%} of random's {labels[-1]}; "
+                     f"{added:.0%} of the {labels[-1] - labels[0]} labels added after the seed)**"
+                     if need is not None else "edgeloop does not reach it within the rounds")  # fmt: skip
+            lines += ["", f"Random's final mAP50-95 {summary['random_final_map50_95']:.3f} with {labels[-1]} labels; "
+                      f"{reach}."]  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="A YOLO data.yaml with train and test splits, or 'synthetic'.")
@@ -456,7 +496,13 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--workdir", type=Path, default=ROOT / ".edgeloop" / "bench-active-learning")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke run, not a result.")
+    parser.add_argument("--markdown", action="store_true", help="Print --out's results as markdown and exit.")
     args = parser.parse_args()
+    if args.markdown:
+        result = json.loads(args.out.read_text())
+        argv = [a for a in sys.argv[1:] if a != "--markdown"]
+        print(markdown(result, result.get("command") or " ".join(["python bench/active_learning.py", *argv])))
+        return
 
     s = Settings.quick() if args.quick else Settings()
     for name in ("seeds", "rounds", "per_round", "epochs", "imgsz"):
@@ -491,6 +537,7 @@ def main() -> None:
     summary = summarise(runs)
     result = {
         "data": args.data,
+        "command": " ".join(["python bench/active_learning.py", *sys.argv[1:]]),
         "settings": asdict(s),
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "seconds": time.monotonic() - t_all,
