@@ -39,7 +39,8 @@ def demo(
 
     setup_logging("WARNING")
     console = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    # An error is one line, whatever the terminal's width: a user greps it, a test reads it.
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not base_checkpoint.is_file():
         err.print(f"error: base checkpoint {base_checkpoint} not found (pass --base-checkpoint PATH to a YOLO .pt)")
         raise typer.Exit(2)
