@@ -490,6 +490,8 @@ def main() -> None:
     parser.add_argument("--per-round", type=int)
     parser.add_argument("--epochs", type=int, help="Epochs per round's fine-tuning (default 8).")
     parser.add_argument("--imgsz", type=int, help="Training and evaluation image size (default 320).")
+    parser.add_argument("--seed-labels", type=int, help="Labels the seed model is trained on (default 40).")
+    parser.add_argument("--seed-epochs", type=int, help="Epochs of the seed model's fine-tuning (default 25).")
     parser.add_argument("--pool", choices=["camera", "iid", "both"], default="both")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", type=Path, required=True)
@@ -505,7 +507,7 @@ def main() -> None:
         return
 
     s = Settings.quick() if args.quick else Settings()
-    for name in ("seeds", "rounds", "per_round", "epochs", "imgsz"):
+    for name in ("seeds", "rounds", "per_round", "epochs", "imgsz", "seed_labels", "seed_epochs"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     strategies = args.strategies.split(",")

@@ -38,7 +38,7 @@ def demo(
     from edgeloop.logs import setup_logging
 
     setup_logging("WARNING")
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # progress lines stay whole in a log file
     # An error is one line, whatever the terminal's width: a user greps it, a test reads it.
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not base_checkpoint.is_file():
