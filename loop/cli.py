@@ -13,7 +13,7 @@ SHARED = Path("../shared")
 
 def demo(
     rounds: Annotated[int | None, typer.Option(min=1, max=20, help="Rounds of curate -> retrain -> release.")] = None,
-    quick: Annotated[bool, typer.Option(help="Smaller world, batches and trainings (what CI runs; ~10 min).")] = False,
+    quick: Annotated[bool, typer.Option(help="Smaller world, batches and trainings (what CI runs; ~6 min).")] = False,
     report: Annotated[
         Path | None, typer.Option("--report", help="Write report.json, report.md and map.png here after each round.")
     ] = None,

@@ -42,6 +42,10 @@ RETRAIN_TIMEOUT_S = 1800.0
 SWAP_TIMEOUT_S = 300.0
 #: Unbatched frames to wait for per frame of the batch (near-duplicates of a scene are skipped).
 CANDIDATES_PER_PICK = 3
+#: After that, how long to let the cameras show more while the selection would still come up short
+#: of a full batch (the class cap, near-duplicates: photo streams of a few common classes); then
+#: the demo goes on with the shorter batch and says why.
+FILL_TIMEOUT_S = 240.0
 #: The counters of the agents' heartbeats the report sums per round.
 COUNTERS = {
     "frames_seen": "frames_read",
@@ -84,13 +88,16 @@ class DemoOptions:
 Say = Callable[[str], None]
 
 
-def _wait(cond: Callable[[], Any], timeout: float, what: str, poll: float = 1.0) -> Any:
+def _wait(cond: Callable[[], Any], timeout: float, what: str, poll: float = 1.0, *, required: bool = True) -> Any:
+    """``cond()``'s first true value; at the deadline a DemoError, or the last value if not ``required``."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() > deadline:
+            if not required:
+                return value
             raise DemoError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(poll)
 
@@ -247,6 +254,15 @@ class Loop:
         self.say(f"round 0: {v1.version} on every camera; world B test mAP50-95 {score.map50_95:.3f} "
                  f"(mAP50 {score.map50:.3f})")  # fmt: skip
 
+    def _batch_fills(self, size: int) -> bool:
+        """Whether the selection would fill a batch of ``size`` now (asked as a dry run)."""
+        from server.curation.store import CurationError
+
+        try:
+            return len(self.curation.next_batch(size, dry_run=True).batch.sample_ids) >= size
+        except CurationError:  # nothing to pick yet
+            return False
+
     def _round(self, r: int, world: World) -> None:
         seconds: dict[str, float] = {}
         size = self.stack.settings.batch_size
@@ -254,11 +270,14 @@ class Loop:
         # Consecutive frames of a scene are near-duplicates that curation skips: collect a margin.
         wanted = CANDIDATES_PER_PICK * size
         _wait(lambda: self.curation.unbatched_count() >= wanted, COLLECT_TIMEOUT_S, f"{wanted} uploaded frames", poll=2)
+        _wait(lambda: self._batch_fills(size), FILL_TIMEOUT_S, "a full batch", poll=10, required=False)
         seconds["collect"] = time.monotonic() - t
         t = time.monotonic()
-        batch = self.curation.next_batch(size).batch
+        result = self.curation.next_batch(size)
+        batch = result.batch
         seconds["curate"] = time.monotonic() - t
-        self.say(f"round {r}: {batch.name} with {len(batch.sample_ids)} frames for review")
+        short = f" ({'; '.join(result.warnings)})" if result.warnings else ""
+        self.say(f"round {r}: {batch.name} with {len(batch.sample_ids)} frames for review{short}")
         t = time.monotonic()
         labelled = label_batch(self.curation, batch.name, world.oracle, world.names)
         approved = self.curation.approve(batch.name).version

@@ -211,10 +211,15 @@ def test_1_the_inbox_holds_300_frames_with_the_edge_embedding_where_the_model_ha
 def test_2_first_batch_is_uncertain_diverse_balanced_and_fair(loop):
     from server.curation.selection import primary_class
 
+    preview = curate_cli(loop, "next-batch", "--dry-run", "--json")  # says what it would pick, takes nothing
+    assert preview.returncode == 0, preview.stderr
+    preview = json.loads(preview.stdout)
+    assert preview["dry_run"] and "batch-001" not in inbox(loop).list_saved_views()
     result = curate_cli(loop, "next-batch", "--json")
     assert result.returncode == 0, result.stderr
     batch = json.loads(result.stdout)
     assert batch["name"] == "batch-001" and batch["status"] == "to_review"
+    assert (preview["name"], preview["sample_ids"]) == (batch["name"], batch["sample_ids"])
     STATE["batch1"] = batch["name"]
     samples = batch_samples(loop, "batch-001")
     assert 30 <= len(samples) <= 50 and len(samples) == 40

@@ -72,24 +72,32 @@ def next_batch(
         bool, typer.Option("--any-size", help="Allow a size outside 30-50 (with a warning saying why not).")
     ] = False,
     as_json: JsonOption = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only say what the batch would be: nothing is saved or shown.")
+    ] = False,
 ) -> None:
     """Pick the next batch of uncertain, diverse, balanced frames and show it in the App as a saved view."""
     from server.store.inbox import review_url
 
     cfg, curation = _connected(config)
-    result = _run(lambda: curation.next_batch(size, any_size=any_size))
+    result = _run(lambda: curation.next_batch(size, any_size=any_size, dry_run=dry_run))
     for warning in result.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     b = result.batch
     url = review_url(f"http://{cfg.app.host}:{cfg.app.port}", cfg.inbox.dataset, b.name)
     if as_json:
-        _echo_json({**b.model_dump(mode="json"), "pool": result.pool, "warnings": result.warnings, "url": url})
+        doc = {**b.model_dump(mode="json"), "pool": result.pool, "warnings": result.warnings, "dry_run": dry_run}
+        _echo_json(doc if dry_run else {**doc, "url": url})
         return
     skipped = ", ".join(f"{k} {v}" for k, v in result.skipped.items())
     quotas = ", ".join(f"{k} {v}" for k, v in b.selection.get("device_quotas", {}).items())
-    typer.echo(f"{b.name}: {len(b.sample_ids)} frames to review (pool {result.pool})")
+    head = f"{b.name} would have" if dry_run else f"{b.name}:"
+    typer.echo(f"{head} {len(b.sample_ids)} frames to review (pool {result.pool})")
     typer.echo(f"near-duplicates skipped: {skipped}")
     typer.echo(f"device quotas: {quotas}")
+    if dry_run:
+        typer.echo("dry run: nothing saved; run it without --dry-run to make the batch")
+        return
     typer.echo(f"review in the App: {url}")
     typer.echo(f"then: edgeloop curate approve {b.name}" + (f" --config {config}" if config else ""))
 

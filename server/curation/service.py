@@ -194,12 +194,14 @@ class Curation:
 
     # -- batches -----------------------------------------------------------------------------
 
-    def next_batch(self, size: int | None = None, *, any_size: bool = False) -> BatchResult:
+    def next_batch(self, size: int | None = None, *, any_size: bool = False, dry_run: bool = False) -> BatchResult:
         """Pick the next review batch from the unbatched inbox frames and show it in the App.
 
         Args:
             size: Frames wanted (default ``config.batch_size``).
             any_size: Allow a size outside 30-50 (with a warning).
+            dry_run: Only say what the batch would be: nothing is saved or shown, no frame is
+                taken (whoever waits for enough frames to fill a batch asks this way).
 
         Raises:
             CurationError: a size outside 30-50 without ``any_size``; no frame left to review.
@@ -253,6 +255,8 @@ class Curation:
                     "short_reason": selection.short_reason,
                 },
             )
+            if dry_run:
+                return BatchResult(record, len(pool), selection.skipped, warnings)
             self.store.save_batch(record)  # the commit point: the batch exists from here on
             show_batch(inbox, record)
         logger.info("%s: %d frames from a pool of %d (skipped %s)", record.name, len(ids), len(pool), selection.skipped)

@@ -121,6 +121,16 @@ def test_a_crash_after_the_version_record_is_finished_by_the_next_call(curation,
     assert len(train) == 6 and fresh.approve(name).already
 
 
+def test_a_dry_run_says_what_the_batch_would_be_and_takes_nothing(curation):
+    before = state(curation)
+    preview = curation.next_batch(6, any_size=True, dry_run=True)
+    assert state(curation) == before and curation.unbatched_count() == 12
+    assert preview.batch.name not in curation.inbox.list_saved_views()
+    batch = curation.next_batch(6, any_size=True).batch
+    assert (batch.name, batch.sample_ids) == (preview.batch.name, preview.batch.sample_ids)
+    assert curation.unbatched_count() == 6 and batch.name in curation.inbox.list_saved_views()
+
+
 def test_untagged_frames_follow_the_configured_rule(curation):
     name = curation.next_batch(6, any_size=True).batch.name
     samples = list(curation.inbox.load_saved_view(name))
