@@ -46,7 +46,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -82,6 +82,9 @@ class Settings:
     clip_frames: int = 40
     scene_length: int = 10  # a camera cuts to a new scene every this many frames (consecutive ones: near-duplicates)
     test_per_world: int = 20
+    #: None: the candidates are what the agent keeps with its default triggers. A share: the agent
+    #: keeps only that top share of the pool by score (what a stricter ``triggers.min_score`` does).
+    keep_share: float | None = None
 
     @classmethod
     def quick(cls) -> Settings:
@@ -370,8 +373,16 @@ def run_strategy(pool: Pool, strategy: str, seed: int, seed_model: Path, seed_im
         rdir.mkdir(parents=True, exist_ok=True)
         images = seed_images + [pool.frames[i].image for i in sorted(labelled)]
 
-        def score(images: list[Path] = images, model: Path = model, rdir: Path = rdir) -> Scored:
-            return score_pool(pool, model, images, s.imgsz, rdir)
+        def score(images: list[Path] = images, model: Path = model, rdir: Path = rdir, r: int = r) -> Scored:
+            scored = score_pool(pool, model, images, s.imgsz, rdir)
+            print(f"[bench] {pool.name} {strategy} seed {seed} round {r}: the agent keeps "
+                  f"{scored.keep.mean():.0%} of the pool", file=sys.stderr, flush=True)  # fmt: skip
+            if s.keep_share is None:
+                return scored
+            top = np.argsort(-scored.score, kind="stable")[: max(1, round(s.keep_share * len(scored.score)))]
+            keep = np.zeros_like(scored.keep)
+            keep[top] = True
+            return replace(scored, keep=keep)
 
         picked = SELECTORS[strategy](pool, labelled, s.per_round, rng, score)
         labelled |= set(picked)
@@ -492,6 +503,11 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, help="Training and evaluation image size (default 320).")
     parser.add_argument("--seed-labels", type=int, help="Labels the seed model is trained on (default 40).")
     parser.add_argument("--seed-epochs", type=int, help="Epochs of the seed model's fine-tuning (default 25).")
+    parser.add_argument(
+        "--keep-share",
+        type=float,
+        help="The agent keeps only this top share of the pool by score (default: its triggers' keep).",
+    )
     parser.add_argument("--pool", choices=["camera", "iid", "both"], default="both")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", type=Path, required=True)
@@ -507,7 +523,7 @@ def main() -> None:
         return
 
     s = Settings.quick() if args.quick else Settings()
-    for name in ("seeds", "rounds", "per_round", "epochs", "imgsz", "seed_labels", "seed_epochs"):
+    for name in ("seeds", "rounds", "per_round", "epochs", "imgsz", "seed_labels", "seed_epochs", "keep_share"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     strategies = args.strategies.split(",")
