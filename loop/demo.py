@@ -80,7 +80,7 @@ class DemoOptions:
         if self.quick:
             return StackSettings(batch_size=30, epochs=8, first_epochs=12, healthy_for_s=6, app=self.open_app,
                                  base_checkpoint=self.base_checkpoint)  # fmt: skip
-        # 3 rounds of 10 epochs on up to 280 photos at 320 px: measured in docs/benchmarks.md (docs/benchmarks.md)
+        # 10 epochs a round on up to 320 images at 320 px keep 3 rounds under 20 minutes on 2 cores (docs/benchmarks.md)
         return StackSettings(batch_size=40, epochs=10, first_epochs=16, healthy_for_s=10, app=True,
                              base_checkpoint=self.base_checkpoint)  # fmt: skip
 
