@@ -13,8 +13,9 @@ next step takes. In order:
    reference statistics): the file that would ship.
 5. :func:`evaluate_candidate`: that file, and production's, through the edge agent's detector on the
    same test split; train and val splits too for the report's bias/variance reading.
-6. :func:`gate_candidate` then :func:`register_candidate`: registered with lineage and signed,
-   marked rejected with the gate's reason when it did not pass.
+6. :func:`check_leaks`, :func:`gate_candidate` then :func:`register_candidate`: registered with
+   lineage and signed, marked rejected with the gate's reason when it did not pass (a test split
+   that shares images with the training split never passes).
 7. :func:`release_candidate`: canary, then stable once the canary devices' heartbeats confirm it.
 
 A failure anywhere before step 6 registers nothing and releases nothing: production is untouched.
@@ -34,6 +35,7 @@ from flows.training.evaluate import Evaluation, evaluate_onnx, read_data_yaml
 from flows.training.gate import GateDecision, decide
 from flows.training.report import TrainingReport, training_report
 from flows.training.trainer import TrainResult, export_onnx, starting_point, train_with_config
+from server.curation.leaks import LeakReport, leaks_in_export
 from server.registry.rollout import FleetEntryLike, RolloutResult, release_to_canary, watch_canary
 from server.registry.store import ModelRegistry, ModelVersion, UnknownVersionError
 
@@ -182,8 +184,20 @@ def evaluate_candidate(
     return Evaluations(candidate=candidate, production=prod, train=train, val=val)
 
 
-def gate_candidate(config: FlowsConfig, evaluations: Evaluations) -> GateDecision:
-    return decide(evaluations.candidate, evaluations.production, config.gate)
+def check_leaks(
+    config: FlowsConfig, data_yaml: Path, production: Production | None, files: CandidateFiles
+) -> LeakReport:
+    """Leaks between the train and test splits the candidate learnt from and is scored on.
+
+    Near-duplicates are judged in production's embedding space (the curation model, which split the
+    version's episodes), or the candidate's for a project's first model.
+    """
+    model = production.onnx if production is not None else files.shipped
+    return leaks_in_export(data_yaml, model, config.gate.near_duplicates)
+
+
+def gate_candidate(config: FlowsConfig, evaluations: Evaluations, leaks: LeakReport | None = None) -> GateDecision:
+    return decide(evaluations.candidate, evaluations.production, config.gate, leaks)
 
 
 def report(config: FlowsConfig, trained: TrainResult, evaluations: Evaluations, work: Path) -> TrainingReport:
@@ -290,7 +304,7 @@ def run_retrain(
     files = export_candidate(config, trained, data_yaml, work)
     evaluations = evaluate_candidate(config, files, data_yaml, production)
     training = report(config, trained, evaluations, work)
-    decision = gate_candidate(config, evaluations)
+    decision = gate_candidate(config, evaluations, check_leaks(config, data_yaml, production, files))
     record = register_candidate(
         registry,
         config,
@@ -312,6 +326,7 @@ __all__ = [
     "RetrainOutcome",
     "Evaluations",
     "Production",
+    "check_leaks",
     "evaluate_candidate",
     "export_candidate",
     "export_dataset",

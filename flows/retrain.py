@@ -25,6 +25,7 @@ from flows.curation import load_curation
 from flows.training.gate import GateDecision
 from flows.training.report import TrainingReport
 from flows.training.trainer import TrainResult
+from server.curation.leaks import LeakReport
 from server.registry.store import RegistryLockedError
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,18 @@ def make_report(
         return None
 
 
+@task(name="check-leaks", cache_policy=NO_CACHE)
+def check_leaks(
+    config: FlowsConfig, data_yaml: Path, production: pipeline.Production | None, files: pipeline.CandidateFiles
+) -> LeakReport:
+    report = pipeline.check_leaks(config, data_yaml, production, files)
+    get_run_logger().info("leaks between train and test: %s", report.summary())
+    return report
+
+
 @task(name="gate", cache_policy=NO_CACHE)
-def gate(config: FlowsConfig, evaluations: pipeline.Evaluations) -> GateDecision:
-    decision = pipeline.gate_candidate(config, evaluations)
+def gate(config: FlowsConfig, evaluations: pipeline.Evaluations, leaks: LeakReport) -> GateDecision:
+    decision = pipeline.gate_candidate(config, evaluations, leaks)
     get_run_logger().info("gate: %s (%s)", "promote" if decision.promote else "reject", decision.reason)
     return decision
 
@@ -143,7 +153,8 @@ def retrain(dataset_version: str, config: str | None = None) -> dict[str, Any]:
     files = export_model(cfg, trained, data_yaml, work)
     evaluations = evaluate(cfg, files, data_yaml, production)
     training_report = make_report(cfg, trained, evaluations, work)
-    decision = gate(cfg, evaluations)
+    leaks = check_leaks(cfg, data_yaml, production, files)
+    decision = gate(cfg, evaluations, leaks)
     version = register(cfg, files, evaluations, decision, dataset_version, production, run_id)
     publish_artifacts(evaluations, decision, training_report, version)
     summary: dict[str, Any] = {"version": version, "promoted": decision.promote, "reason": decision.reason}

@@ -226,8 +226,10 @@ class Loop:
         t = time.monotonic()
         first = self.curation.import_labelled(world.first_training, name="world-a")
         seconds["import"] = time.monotonic() - t
-        self.say(f"round 0: {first.id} = {first.size} labelled images of world A; training the first model "
-                 "(flow run `retrain` on the Prefect server)")  # fmt: skip
+        splits = ", ".join(f"{k} {n}" for k, n in first.counts.items())
+        self.say(f"round 0: {first.id} = {first.size} labelled images of world A ({splits}; the model trains on "
+                 f"the {first.counts.get('train', 0)} of train); training the first model (flow run `retrain` on "
+                 "the Prefect server)")  # fmt: skip
         t = time.monotonic()
         run_id, v1 = self._retrain(first.id, self.stack.first_flows_config)
         seconds["retrain"] = time.monotonic() - t
@@ -280,10 +282,12 @@ class Loop:
         self.say(f"round {r}: {batch.name} with {len(batch.sample_ids)} frames for review{short}")
         t = time.monotonic()
         labelled = label_batch(self.curation, batch.name, world.oracle, world.names)
-        approved = self.curation.approve(batch.name).version
+        approval = self.curation.approve(batch.name)
+        approved = approval.version
         seconds["label+approve"] = time.monotonic() - t
-        self.say(f"round {r}: the oracle labelled {labelled} frames ({labelled} approved) -> {approved.id} "
-                 f"({approved.size} images); retraining")  # fmt: skip
+        held = f", {len(approval.held_out)} held out: their episode is in a full split" if approval.held_out else ""
+        self.say(f"round {r}: the oracle labelled {labelled} frames ({len(approved.added)} added{held}) -> "
+                 f"{approved.id} ({approved.size} images); retraining")  # fmt: skip
         t = time.monotonic()
         run_id, candidate = self._retrain(approved.id, None)
         seconds["retrain+rollout"] = time.monotonic() - t

@@ -4,11 +4,11 @@ Two worlds: **A**, which the first model is trained on, and **B**, which the cam
 same classes after a domain shift (new backgrounds, looks and sizes, or lighting). From the
 synthetic scenes (default) the demo writes A's labelled stills, one recorded video per camera of B
 (a new scene every few seconds, as a patrolling camera sees) with a label file per frame (the
-oracle's truth), and a labelled still set of B: the frozen test
-split every round's model is scored on. With ``--data DATA.yaml`` (any YOLO data set with train
-and test splits) A is a small random share of the training photos, the cameras play camera-like
-streams made from the other training photos (:mod:`edgeloop.synth.photo_stream`), and B's test
-split is the data set's own test split.
+oracle's truth), and a labelled still set of B: the test set every round's model is scored on.
+With ``--data DATA.yaml`` (any YOLO data set with train and test splits) A is a small random share
+of the training photos (its val and test from the data set's val split), the cameras play
+camera-like streams made from the other training photos (:mod:`edgeloop.synth.photo_stream`), and
+every round is scored on the data set's own test split, which nothing in the loop trains on.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from loop.oracle import CameraTruth, Oracle
 #: The synthetic worlds: what the first model learns, and what the cameras show.
 WORLD_A = "shapes"
 WORLD_B = "shapes-shifted"
+#: With --data, fewest photos that make world A's val and test splits (two each).
+MIN_HELD_OUT = 4
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,13 @@ def synthetic_world(root: Path, size: WorldSize, cameras: int = 2, seed: int = 0
 
 
 def data_world(data_yaml: Path, root: Path, size: WorldSize, cameras: int = 2, seed: int = 0) -> World:
-    """World from a YOLO data set: A = a random share of its training photos, B = the rest, as camera streams."""
+    """World from a YOLO data set: A = a random share of its training photos, B = the rest, as camera streams.
+
+    The data set's own test split is what every round is scored on, so no image of it goes into A
+    or onto a camera: A's val and test splits are the data set's val split, halved (or, without one,
+    a few more training photos the cameras never show). The first dataset version then holds only
+    images the demo never scores on.
+    """
     data = load_yolo_dataset(data_yaml)
     test = data.split("test")
     if root.exists():
@@ -134,20 +142,25 @@ def data_world(data_yaml: Path, root: Path, size: WorldSize, cameras: int = 2, s
     order = np.random.default_rng(seed).permutation(len(train))
     n_first = max(8, int(len(train) * size.first_share))
     first_items = [train[i] for i in order[:n_first]]
-    rest = [train[i] for i in order[n_first:]]
+    held = list(data.splits.get("val", []))
+    if len(held) < MIN_HELD_OUT:  # no usable val split: hold out training photos the cameras never show
+        n_held = max(MIN_HELD_OUT, n_first // 4)
+        held = [train[i] for i in order[n_first : n_first + n_held]]
+        rest = [train[i] for i in order[n_first + n_held :]]
+    else:
+        rest = [train[i] for i in order[n_first:]]
+    held = [held[i] for i in np.random.default_rng(seed + 1).permutation(len(held))]
     a_dir = root / "a"
-    for split, items in (("train", first_items), ("val", data.splits.get("val", first_items))):
+    a_splits = {"train": first_items, "val": held[: len(held) // 2], "test": held[len(held) // 2 :]}
+    for split, items in a_splits.items():
         (a_dir / split / "images").mkdir(parents=True)
         (a_dir / split / "labels").mkdir(parents=True)
         for item in items:
             (a_dir / split / "images" / item.image.name).symlink_to(item.image.resolve())
             if item.label_file.is_file():
                 (a_dir / split / "labels" / (item.image.stem + ".txt")).symlink_to(item.label_file.resolve())
+    first = _data_yaml(a_dir / "data.yaml", data.names, **{k: a_dir / k / "images" for k in a_splits})
     test_images = test[0].image.parent
-    first = _data_yaml(
-        a_dir / "data.yaml", data.names, train=a_dir / "train" / "images", val=a_dir / "val" / "images",
-        test=test_images,
-    )  # fmt: skip
     cams, truth = [], {}
     for i in range(cameras):
         source_id = f"cam-{i + 1}"
@@ -155,9 +168,11 @@ def data_world(data_yaml: Path, root: Path, size: WorldSize, cameras: int = 2, s
         frames = write_photo_stream(rest[i::cameras], out, num_classes=len(data.names), seed=seed + i)
         cams.append(Camera(source_id, str(out / "images"), sequence=True, fps=size.fps))
         truth[source_id] = CameraTruth(out / "labels", len(frames))
+    counts = {k: len(v) for k, v in a_splits.items()}
     return World(
-        description=f"{data_yaml}: first model on {n_first} training photos, cameras play streams of the other "
-        f"{len(rest)}, test split {len(test)} photos",
+        description=f"{data_yaml}: world A is {counts['train']} training photos (val {counts['val']}, test "
+        f"{counts['test']} from the data set's val split), the cameras play streams of the other {len(rest)} "
+        f"training photos, every round is scored on the data set's test split ({len(test)} photos, never trained on)",
         names=data.names,
         imgsz=size.imgsz,
         first_training=first,

@@ -9,6 +9,9 @@ Both models are evaluated on the same frozen test split in the same run
   average that forgets a rare class is not better for the camera that sees that class).
   Classes are compared by name; a class the production model did not know cannot drop.
 * A project's first model (nothing in production): its mAP50-95 must reach ``first_model_floor``.
+* Either way, never on a **leaky** test split: when test images are identical to, or near-duplicates
+  of, images of the candidate's training split (:func:`server.curation.leaks.leaks_in_export`), the
+  score measures memory, and the gate refuses whatever the numbers (``refuse_leaks``).
 
 :func:`decide` returns a :class:`GateDecision` whose ``reason`` is one sentence a person can act on;
 it is recorded with a rejected candidate in the registry.
@@ -23,6 +26,8 @@ from pydantic import Field
 
 from edgeloop.config_base import StrictModel
 from flows.training.evaluate import Evaluation
+from server.curation.config import NearDuplicateConfig
+from server.curation.leaks import LeakReport
 
 
 class GateConfig(StrictModel):
@@ -41,6 +46,15 @@ class GateConfig(StrictModel):
     first_model_floor: float = Field(
         0.1, ge=0.0, le=1.0, description="mAP50-95 a project's first model must reach (nothing to compare with)."
     )
+    refuse_leaks: bool = Field(
+        True,
+        description="Refuse to promote when the test split shares images (identical or near-duplicates) with the "
+        "training split: the comparison would measure memory. Turn off only to measure a known leak.",
+    )
+    near_duplicates: NearDuplicateConfig = Field(
+        default_factory=NearDuplicateConfig,
+        description="What counts as a near-duplicate leak (keep it equal to the server's curation.near_duplicates).",
+    )
 
 
 @dataclass(frozen=True)
@@ -52,14 +66,26 @@ class GateDecision:
     candidate_map50_95: float
     production_map50_95: float | None = None
     class_drops: dict[str, float] = field(default_factory=dict)
+    leaks: int = 0  # test frames that duplicate a training frame
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def decide(candidate: Evaluation, production: Evaluation | None, config: GateConfig) -> GateDecision:
-    """Judge ``candidate`` against ``production`` (None: the project's first model) on the same split."""
+def decide(
+    candidate: Evaluation, production: Evaluation | None, config: GateConfig, leaks: LeakReport | None = None
+) -> GateDecision:
+    """Judge ``candidate`` against ``production`` (None: the project's first model) on the same split,
+    which must not leak (``leaks``: what :func:`~server.curation.leaks.leaks_in_export` found)."""
     cand = candidate.map50_95
+    prod_score = production.map50_95 if production is not None else None
+    leaked = len(leaks.leaked_frames("test")) if leaks is not None else 0
+    if leaked and config.refuse_leaks:
+        reason = (
+            f"leaky test split: {leaks.summary('test')}; mAP50-95 {cand:.4f} would measure memory, not the "
+            "model: fix the splits (edgeloop curate check-leaks) and retrain"
+        )
+        return GateDecision(False, reason, cand, prod_score, leaks=leaked)
     if production is None:
         if cand >= config.first_model_floor:
             reason = f"first model: mAP50-95 {cand:.4f} reaches the floor {config.first_model_floor:.4f}"

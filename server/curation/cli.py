@@ -177,7 +177,15 @@ def import_labelled(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Seed the training set with an existing labelled data set (a project's first model starts from it)."""
+    """Seed the training set with an existing labelled data set (a project's first model starts from it).
+
+    A data set with val or test splits keeps them: each image joins the split it is declared in, so
+    your held-out test photos are never trained on (an image in two splits joins the stricter one).
+    It is refused when it declares an image in another split than the training set holds it, or new
+    test images while the training set's test split is frozen. A data set with a train split only is
+    split by the policy (val and test 10% each, at most 100), episode by episode. Importing the same
+    images again adds nothing.
+    """
     from edgeloop.yolo_dataset import DatasetError
 
     _, curation = _connected(config)
@@ -189,7 +197,35 @@ def import_labelled(
         _echo_json({"version": v.id, "counts": v.counts, "added": len(v.added)})
         return
     splits = ", ".join(f"{k} {n}" for k, n in v.counts.items())
-    typer.echo(f"{data}: {v.id} (parent {v.parent or 'none'}), {len(v.added)} images added; training set: {splits}")
+    how = "its own splits kept" if v.splits_from == "declared" else "split by the policy, by episode"
+    typer.echo(
+        f"{data}: {v.id} (parent {v.parent or 'none'}), {len(v.added)} images added ({how}); training set: {splits}"
+    )
+
+
+@curate_app.command("check-leaks")
+def check_leaks(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Find val/test samples identical to, or near-duplicates of, training samples (exit 1 when any).
+
+    Checks the latest dataset version: identical images by content hash, near-duplicates by the rule
+    review batches use (curation-model embedding distance and dHash). Marks every sample of a leaking
+    pair in the training dataset (field `leaks`) and saves the `leaks` view in the App.
+    """
+    _, curation = _connected(config)
+    result = _run(curation.check_leaks)
+    latest = curation.latest_version()
+    if as_json:
+        _echo_json({"version": latest.id if latest else None, **result.to_json()})
+    elif latest is None:
+        typer.echo("No dataset versions yet: nothing to check")
+    else:
+        typer.echo(f"{latest.id}: {result.summary()}")
+        for leak in result.leaks:
+            typer.echo(f"  {leak.split} {leak.frame_id}  {leak.kind} of  train {leak.train_frame_id}")
+        if result.leaks:
+            typer.echo(f"see them in the App: dataset {curation.config.training_dataset}, saved view `leaks`")
+    if result.leaks:
+        raise typer.Exit(1)
 
 
 @curate_app.command("reject")

@@ -60,7 +60,7 @@ class NearDuplicateConfig(StrictModel):
 
 
 class SplitConfig(StrictModel):
-    """How approved samples are split (drawn at random per sample, reproducible from its frame id)."""
+    """How approved samples are split: by episode, drawn at random per episode, reproducible from its id."""
 
     val_fraction: float = Field(0.1, ge=0, le=0.5, description="Share of new samples drawn for val.")
     test_fraction: float = Field(0.1, ge=0, le=0.5, description="Share of new samples drawn for test.")
@@ -71,7 +71,16 @@ class SplitConfig(StrictModel):
         description="Most samples in test. Once full the test split is frozen: every later model version is "
         "scored on the same test set.",
     )
-    seed: int = Field(0, ge=0, description="Seed of the per-sample draw (changing it changes future draws only).")
+    seed: int = Field(0, ge=0, description="Seed of the per-episode draw (changing it changes future draws only).")
+    episode_gap_s: float = Field(
+        3.0,
+        ge=0,
+        le=3600,
+        description="Frames of one camera captured at most this many seconds apart are one episode and share "
+        "a split (as do near-duplicates and identical images): a scene seen a second apart in train and in "
+        "test would score memory, not generalisation. 3 s joins the frames an agent keeps of one moment; "
+        "0 links by near-duplicates and identical bytes only.",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> SplitConfig:

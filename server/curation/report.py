@@ -8,7 +8,12 @@ model learns from:
 - a class with under :data:`MIN_SHARE_OF_LARGEST` of the largest class's boxes (the model will
   learn to ignore it);
 - more than :data:`MAX_NEAR_DUPLICATE_SHARE` of the samples with a near-duplicate among the
-  others (consecutive video frames: they add count, not information).
+  others (consecutive video frames: they add count, not information);
+- any **leak**: a val or test sample identical to, or a near-duplicate of, a training sample
+  (:mod:`server.curation.leaks`): the gate would score memory.
+
+It also says, per version, how its new samples were split: by the policy, episode by episode, or as
+an imported data set declared them (and which approved frames were held out, and why).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edgeloop.tables import format_table
+from server.curation.leaks import LeakReport
 from server.curation.splits import SPLITS, TRAIN
 from server.curation.versions import DatasetVersion
 
@@ -45,6 +51,7 @@ class Report:
     near_duplicates: NearDuplicateCount | None = None
     near_duplicates_note: str = ""
     warnings: list[str] = field(default_factory=list)
+    leaks: LeakReport | None = None
 
     def to_json(self) -> dict:
         nd = self.near_duplicates
@@ -57,10 +64,13 @@ class Report:
                     "samples": v.counts,
                     "boxes": v.class_counts,
                     "test_frozen": v.test_frozen,
+                    "splits_from": split_origin(v),
+                    "held_out": v.held_out,
                 }
                 for v in self.versions
             ],
             "near_duplicates": None if nd is None else {"duplicated": nd.duplicated, "total": nd.total},
+            "leaks": None if self.leaks is None else self.leaks.to_json(),
             "warnings": self.warnings,
         }
 
@@ -81,9 +91,21 @@ def class_warnings(classes: Sequence[str], boxes: dict[str, int], where: str) ->
     return out
 
 
-def build_report(versions: list[DatasetVersion], near_duplicates: NearDuplicateCount | None = None) -> Report:
+def split_origin(version: DatasetVersion) -> str:
+    """How a version's new samples were split, in words."""
+    return {
+        "declared": "the imported data set's own splits",
+        "episodes": "the policy, episode by episode",
+    }.get(version.splits_from, "the policy, frame by frame (before episodes)")
+
+
+def build_report(
+    versions: list[DatasetVersion],
+    near_duplicates: NearDuplicateCount | None = None,
+    leaks: LeakReport | None = None,
+) -> Report:
     """The report over ``versions`` (oldest first); warnings are about the last one."""
-    report = Report(versions, near_duplicates)
+    report = Report(versions, near_duplicates, leaks=leaks)
     if not versions:
         report.warnings.append("no dataset version yet: approve a batch first")
         return report
@@ -94,6 +116,11 @@ def build_report(versions: list[DatasetVersion], near_duplicates: NearDuplicateC
             f"{latest.id}: {near_duplicates.duplicated} of {near_duplicates.total} samples "
             f"({near_duplicates.share:.0%}) have a near-identical sample in the set (more than "
             f"{MAX_NEAR_DUPLICATE_SHARE:.0%}): they add count, not information"
+        )
+    if leaks is not None and leaks.leaks:
+        report.warnings.append(
+            f"{latest.id} leaks between splits: {leaks.summary()}; a model is scored on what it trained on "
+            "(the gate refuses to promote on a leaky test split): see the `leaks` view in the App"
         )
     return report
 
@@ -115,6 +142,13 @@ def format_report(report: Report) -> str:
         "boxes per class (samples per split) by version:",
         format_table(("VERSION", "SPLIT", "SAMPLES", *classes, ""), rows),
     ]
+    lines += [
+        f"{v.id}: split by {split_origin(v)}"
+        + (f"; {len(v.held_out)} approved frame(s) held out ({next(iter(v.held_out.values()))})" if v.held_out else "")
+        for v in report.versions
+    ]
+    if report.leaks is not None:
+        lines.append(f"leaks between train and val/test in {report.versions[-1].id}: {report.leaks.summary()}")
     nd = report.near_duplicates
     if nd is not None:
         lines.append(f"near-identical samples in {report.versions[-1].id}: {nd.duplicated} of {nd.total}")

@@ -25,6 +25,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -157,6 +158,8 @@ class Approved:
     height: int
     device_id: str
     boxes: tuple[Box, ...]
+    source_id: str = ""
+    captured: float | None = None  # capture time, seconds since the epoch (UTC)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,13 @@ def check_box(label: Any, box: Any, classes: Sequence[str]) -> tuple[Box | None,
     return Box(label=label, box=(x1, y1, x2 - x1, y2 - y1)), ""
 
 
+def _epoch_seconds(when: datetime | None) -> float | None:
+    """A capture time as FiftyOne returns it (naive UTC) in seconds since the epoch."""
+    if when is None:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
 def _image_size(width: int | None, height: int | None, path: str) -> tuple[int, int] | None:
     if not os.path.isfile(path):
         return None
@@ -218,6 +228,8 @@ def decide(dataset: fo.Dataset, record: BatchRecord, classes: Sequence[str], unt
         "device_id",
         f"{GROUND_TRUTH}.detections.label",
         f"{GROUND_TRUTH}.detections.bounding_box",
+        "source_id",
+        "capture_time",
     ]
     rows = {row[0]: row for row in zip(*members.values(fields), strict=True)}
     problems = [f"sample {sid} is no longer in the inbox" for sid in record.sample_ids if sid not in rows]
@@ -227,7 +239,7 @@ def decide(dataset: fo.Dataset, record: BatchRecord, classes: Sequence[str], unt
     for sid in record.sample_ids:
         if sid not in rows:
             continue
-        _, frame_id, path, tags, width, height, device, labels, boxes = rows[sid]
+        _, frame_id, path, tags, width, height, device, labels, boxes, source, captured = rows[sid]
         tags = set(tags or [])
         name = frame_id or sid
         if APPROVED_TAG in tags and REJECT_TAG in tags:
@@ -250,7 +262,11 @@ def decide(dataset: fo.Dataset, record: BatchRecord, classes: Sequence[str], unt
         if size is None:
             problems.append(f"{name}: its image {path} cannot be read")
             continue
-        approved.append(Approved(sid, name, path, size[0], size[1], device or "", tuple(checked)))
+        approved.append(
+            Approved(
+                sid, name, path, size[0], size[1], device or "", tuple(checked), source or "", _epoch_seconds(captured)
+            )
+        )
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:MAX_PROBLEMS_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""

@@ -30,9 +30,12 @@ from server.curation.embeddings import (
     DHASH,
     EDGE_EMBEDDING,
     MODEL_VERSION,
+    CurationModelError,
     CurationSpace,
     RawVectors,
 )
+from server.curation.episodes import EpisodeFrame, group, link_to_known, stream_key
+from server.curation.leaks import LeakReport, find_leaks
 from server.curation.report import NearDuplicateCount, Report, build_report
 from server.curation.review import (
     APPROVED_TAG,
@@ -46,9 +49,15 @@ from server.curation.review import (
     show_batch,
 )
 from server.curation.selection import Pool, SelectionParams, primary_class, select_batch
-from server.curation.splits import SPLITS, assign_splits, is_test_frozen
+from server.curation.splits import SPLITS, STRICTNESS, TEST, TRAIN, EpisodeSplits, assign_episodes, is_test_frozen
 from server.curation.store import BatchRecord, BatchStatus, CurationError, CurationStore, now_iso
-from server.curation.training import mirrored_version, open_training_dataset, sync_training_dataset
+from server.curation.training import (
+    FRAME_ID,
+    mirrored_version,
+    open_training_dataset,
+    show_leaks,
+    sync_training_dataset,
+)
 from server.curation.versions import Box, DatasetVersion, VersionSample, chain_hash, export_yolo, grow_splits
 
 if TYPE_CHECKING:
@@ -93,11 +102,17 @@ class ApprovalResult:
         version: The dataset version the approval recorded (the existing one when ``already``).
         batch: The batch's record after approval.
         already: True when the batch had been approved before: nothing changed.
+        held_out: Approved frames left out of the version, with why (their episode lies in a full
+            split: see :mod:`server.curation.splits`).
     """
 
     version: DatasetVersion
     batch: BatchRecord
     already: bool = False
+
+    @property
+    def held_out(self) -> dict[str, str]:
+        return dict(self.version.held_out) if not self.already else {}
 
 
 @dataclass
@@ -224,11 +239,10 @@ class Curation:
             }
             standardise = space.standardiser(pool_raw, *curated_raw.values())
             pool = self._pool(pool_view, pool_raw, standardise(pool_raw))
-            near = self.config.near_duplicates
             params = SelectionParams(
                 size=size,
                 class_cap=self.config.class_cap,
-                rule=NearDuplicateRule(near.distance * standardise.scale, near.hash_bits),
+                rule=self._rule(standardise.scale),
                 scale=standardise.scale,
             )
             selection = select_batch(pool, {k: standardise(v) for k, v in curated_raw.items()}, params)
@@ -348,18 +362,29 @@ class Curation:
             version = self._new_version(name, decision.approved, classes)
             self.store.versions.write(version)  # the commit point: the approval has happened from here on
             record.status, record.decided, record.version = BatchStatus.APPROVED, version.created, version.id
-            record.approved = [a.frame_id for a in decision.approved]
+            record.approved = [a.frame_id for a in decision.approved if a.frame_id not in version.held_out]
             record.rejected, record.excluded = decision.rejected, decision.excluded
+            record.held_out = sorted(version.held_out)
             self.store.save_batch(record)
             self._follow_versions(copy_from={a.frame_id: a.sample_id for a in decision.approved})
             show_batch(self.inbox, record)
         logger.info("%s approved into %s: %d frames", name, version.id, len(version.added))
         return ApprovalResult(version, record)
 
-    def _new_version(self, batch: str, approved: Sequence[Approved], classes: list[str]) -> DatasetVersion:
-        """The next dataset version: the parent's samples plus ``approved`` (those not in it yet), the
-        new ones assigned to splits by the policy. Keeps their images; writes no record (the caller's
-        commit point does)."""
+    def _new_version(
+        self,
+        batch: str,
+        approved: Sequence[Approved],
+        classes: list[str],
+        *,
+        declared: dict[str, str] | None = None,
+    ) -> DatasetVersion:
+        """The next dataset version: the parent's samples plus ``approved`` (those not in it yet).
+
+        The new samples are split by episode (:meth:`_place`), or, for an imported data set with its
+        own splits, as ``declared`` (frame id to split). Keeps their images; writes no record (the
+        caller's commit point does).
+        """
         versions = self.store.versions
         parent = versions.latest()
         if parent is not None and list(parent.classes) != classes:
@@ -368,17 +393,24 @@ class Curation:
                 "to the training set's (a new class needs a new training set)"
             )
         known = {f for ids in parent.splits.values() for f in ids} if parent else set()
-        fresh = [a for a in approved if a.frame_id not in known]
+        fresh = sorted((a for a in approved if a.frame_id not in known), key=lambda a: a.frame_id)
         counts = {s: parent.counts.get(s, 0) if parent else 0 for s in SPLITS}
         before = parent.class_counts if parent else {}
         class_counts = {s: {c: before.get(s, {}).get(c, 0) for c in classes} for s in SPLITS}
-        split_of = assign_splits([a.frame_id for a in fresh], counts, self.config.splits)
+        kept = {a.frame_id: versions.keep_image(Path(a.filepath)) for a in fresh}
+        if declared is not None:
+            placed = EpisodeSplits(split_of={a.frame_id: declared[a.frame_id] for a in fresh})
+            episode_of = {a.frame_id: a.frame_id for a in fresh}
+        else:
+            placed, episode_of = self._place(fresh, kept, parent, counts)
         added = []
-        for a in sorted(fresh, key=lambda a: a.frame_id):
-            image, sha = versions.keep_image(Path(a.filepath))
+        for a in fresh:
+            if a.frame_id not in placed.split_of:
+                continue
+            image, sha = kept[a.frame_id]
             sample = VersionSample(
                 frame_id=a.frame_id,
-                split=split_of[a.frame_id],
+                split=placed.split_of[a.frame_id],
                 image=image,
                 image_sha256=sha,
                 width=a.width,
@@ -386,11 +418,22 @@ class Curation:
                 device_id=a.device_id,
                 batch=batch,
                 boxes=a.boxes,
+                episode=episode_of[a.frame_id],
+                source_id=a.source_id,
+                captured=a.captured,
             )
             added.append(sample)
             counts[sample.split] += 1
             for b in sample.boxes:
                 class_counts[sample.split][b.label] += 1
+        if placed.held_out:
+            logger.warning(
+                "%s: %d approved frame(s) held out, e.g. %s: %s",
+                batch,
+                len(placed.held_out),
+                next(iter(placed.held_out)),
+                next(iter(placed.held_out.values())),
+            )
         return DatasetVersion(
             id=versions.next_id(),
             parent=parent.id if parent else None,
@@ -403,55 +446,186 @@ class Curation:
             class_counts=class_counts,
             test_frozen=is_test_frozen(counts, self.config.splits),
             labels_sha256=chain_hash(parent.labels_sha256 if parent else "", classes, added),
+            splits_from="declared" if declared is not None else "episodes",
+            held_out=dict(placed.held_out),
         )
 
+    def _place(
+        self,
+        fresh: Sequence[Approved],
+        kept: dict[str, tuple[str, str]],
+        parent: DatasetVersion | None,
+        counts: dict[str, int],
+    ) -> tuple[EpisodeSplits, dict[str, str]]:
+        """Group the new frames into episodes, link them to the parent's, and split episode by episode.
+
+        Returns the splits (and the frames held out) and each placed frame's episode id.
+        """
+        gap = self.config.splits.episode_gap_s
+        new = [
+            EpisodeFrame(a.frame_id, kept[a.frame_id][1], stream_key(a.device_id, a.source_id), a.captured)
+            for a in fresh
+        ]
+        old = self.store.versions.samples(parent.id) if parent else []
+        old_frames = [EpisodeFrame(s.frame_id, s.image_sha256, s.stream, s.captured) for s in old]
+        near = self._episode_vectors(fresh, old)
+        if near is None:
+            new_vectors = old_vectors = rule = None
+        else:
+            new_vectors, old_vectors, rule = near
+        labels = group(new, gap_s=gap, vectors=new_vectors, rule=rule)
+        linked = link_to_known(
+            new, old_frames, gap_s=gap, vectors=None if near is None else (new_vectors, old_vectors), rule=rule
+        )
+        # A component's episode: the (smallest) episode of the known frames it links to, else its smallest frame id.
+        members: dict[int, list[int]] = {}
+        for i, label in enumerate(labels):
+            members.setdefault(label, []).append(i)
+        episodes: dict[str, list[str]] = {}
+        joined: dict[str, set[str]] = {}
+        episode_of: dict[str, str] = {}
+        for rows in members.values():
+            known_rows = sorted({j for i in rows for j in linked[i]})
+            known_episodes = [old[j].episode or old[j].frame_id for j in known_rows]
+            eid = min(known_episodes) if known_episodes else min(new[i].frame_id for i in rows)
+            episodes.setdefault(eid, []).extend(new[i].frame_id for i in rows)
+            joined.setdefault(eid, set()).update(old[j].split for j in known_rows)
+            episode_of.update((new[i].frame_id, eid) for i in rows)
+        placed = assign_episodes(episodes, counts, self.config.splits, joined)
+        return placed, episode_of
+
+    def _episode_vectors(
+        self, fresh: Sequence[Approved], old: Sequence[VersionSample]
+    ) -> tuple[FrameSet, FrameSet, NearDuplicateRule] | None:
+        """Standardised curation vectors of the new frames and the parent's, row for row (NaN rows where
+        none), and the near-duplicate rule; None without a curation model (a project's first import:
+        episodes then link by identical bytes and capture time only)."""
+        try:
+            space = self.space
+        except CurationModelError as err:
+            logger.warning("episodes link by identical images and capture time only: %s", err)
+            return None
+        by_frame: dict[str, tuple[np.ndarray, int]] = {}
+        for a in fresh:
+            if not a.sample_id:  # an imported image: not in the inbox
+                got = space.embed_file(a.filepath)
+                if got is not None:
+                    by_frame[a.frame_id] = got
+        sample_ids = [a.sample_id for a in fresh if a.sample_id]
+        if sample_ids:
+            by_frame.update(_vectors_by_frame(space, self.inbox.select(sample_ids)))
+        if old:
+            by_frame.update(_vectors_by_frame(space, self.training))
+        new_raw = _rows(by_frame, [a.frame_id for a in fresh], space.dim)
+        old_raw = _rows(by_frame, [s.frame_id for s in old], space.dim)
+        standardise = space.standardiser(new_raw, old_raw)
+        return standardise(new_raw), standardise(old_raw), self._rule(standardise.scale)
+
+    def _rule(self, scale: float) -> NearDuplicateRule:
+        """The configured near-duplicate rule in standardised units of ``scale``."""
+        near = self.config.near_duplicates
+        return NearDuplicateRule(near.distance * scale, near.hash_bits)
+
     def import_labelled(self, data_yaml: Path, *, name: str = "labelled") -> DatasetVersion:
-        """Seed the training set with an existing labelled YOLO data set (every split): a new version.
+        """Seed the training set with an existing labelled YOLO data set: a new version.
 
         For a project's first model (nothing has been uploaded or curated yet) or a labelled set
-        bought in. The images are split by the same policy as approved batches; each gets the frame
-        id ``import-<sha256 prefix>``, so importing the same images again adds nothing.
+        bought in. A data set with its own splits keeps them: each image joins the split it is
+        declared in (train, val, test), so a user's held-out test photos are never trained on; an
+        image found in two declared splits joins the stricter (test, then val). A data set with a
+        train split only is split by the policy, episode by episode, as approved batches are. Each
+        image gets the frame id ``import-<sha256 prefix>``, so importing the same images again adds
+        nothing.
 
         Raises:
             DatasetError: the data set cannot be read.
-            CurationError: its class names differ from the training set's.
+            CurationError: its class names differ from the training set's; an image is declared in
+                another split than the one it already has; new test images while the test split is
+                frozen.
         """
         import cv2
 
         from edgeloop.yolo_dataset import load_yolo_dataset
 
         data = load_yolo_dataset(data_yaml)
-        entries: list[Approved] = []
-        seen: set[str] = set()
-        for items in data.splits.values():
-            for item in items:
+        train_images = {item.image for item in data.splits[TRAIN]}
+        # ultralytics needs a val split, so a data set without one points val: at its train images: not a split
+        splits = {k: v for k, v in data.splits.items() if k == TRAIN or {i.image for i in v} != train_images}
+        has_splits = len(splits) > 1
+        entries: dict[str, Approved] = {}
+        declared: dict[str, str] = {}
+        crossing = 0
+        for split in STRICTNESS:  # test first: an image in two splits stays out of train
+            for item in splits.get(split, []):
                 image = cv2.imread(str(item.image), cv2.IMREAD_COLOR)
                 if image is None:
                     logger.warning("import: skipping unreadable image %s", item.image)
                     continue
                 frame_id = "import-" + hashlib.sha256(item.image.read_bytes()).hexdigest()[:24]
-                if frame_id in seen:
+                if frame_id in entries:
+                    crossing += declared[frame_id] != split
                     continue
-                seen.add(frame_id)
+                declared[frame_id] = split
                 boxes = tuple(
                     Box(label=data.names[lab.class_id], box=_relative_xywh(lab.cx, lab.cy, lab.w, lab.h))
                     for lab in item.labels()
                     if 0 <= lab.class_id < len(data.names)
                 )
                 height, width = image.shape[:2]
-                entries.append(Approved("", frame_id, str(item.image), width, height, "", boxes))
+                entries[frame_id] = Approved("", frame_id, str(item.image), width, height, "", boxes)
+        if crossing:
+            logger.warning(
+                "import: %d image(s) of %s appear in two of its splits (a leak in the data set): each kept in "
+                "the stricter split only",
+                crossing,
+                data_yaml,
+            )
         with self.store.lock():
             self._repair_locked()
             parent = self.store.versions.latest()
-            known = {f for ids in parent.splits.values() for f in ids} if parent else set()
-            if parent is not None and all(e.frame_id in known for e in entries):
+            known = {f: split for split, ids in parent.splits.items() for f in ids} if parent else {}
+            if has_splits:
+                self._check_declared(declared, known, parent, data_yaml)
+            if parent is not None and all(f in known for f in entries):
                 logger.info("import: every image of %s is in %s already", data_yaml, parent.id)
                 return parent
-            version = self._new_version(f"{IMPORTED}{name}:{data_yaml.parent.name}", entries, list(data.names))
+            version = self._new_version(
+                f"{IMPORTED}{name}:{data_yaml.parent.name}",
+                list(entries.values()),
+                list(data.names),
+                declared=declared if has_splits else None,
+            )
             self.store.versions.write(version)  # the commit point
             self._follow_versions()
-        logger.info("imported %d labelled images from %s into %s", len(version.added), data_yaml, version.id)
+        logger.info(
+            "imported %d labelled images from %s into %s (%s splits)",
+            len(version.added),
+            data_yaml,
+            version.id,
+            "its own" if has_splits else "the policy's",
+        )
         return version
+
+    def _check_declared(
+        self, declared: dict[str, str], known: dict[str, str], parent: DatasetVersion | None, data_yaml: Path
+    ) -> None:
+        """Refuse an import whose declared splits disagree with the training set's."""
+        moved = [(f, known[f], s) for f, s in declared.items() if f in known and known[f] != s]
+        if moved:
+            f, have, want = moved[0]
+            raise CurationError(
+                f"{data_yaml} declares {len(moved)} image(s) in another split than the training set holds them "
+                f"(e.g. {f}: {want} there, {have} in {parent.id}); samples never change split, and one image in "
+                "two splits would leak: fix the data set's splits to match, or import it into a new training set"
+            )
+        new_test = [f for f, s in declared.items() if s == TEST and f not in known]
+        if parent is not None and parent.test_frozen and new_test:
+            raise CurationError(
+                f"the training set's test split is frozen ({parent.counts.get(TEST, 0)} samples in {parent.id}) and "
+                f"{data_yaml}'s test split has {len(new_test)} image(s) not in it: every model is scored on the "
+                "frozen split, so it cannot change; import the data set without its test: line, or into a new "
+                "training set"
+            )
 
     # -- versions (files only) ------------------------------------------------------------------
 
@@ -475,17 +649,50 @@ class Curation:
         return export_yolo(self.store.versions, vid, out)
 
     def report(self) -> Report:
-        """Class balance per version and split, and the seeds' warnings about the latest version."""
+        """Class balance per version and split, leaks between the splits, and the seeds' warnings."""
         versions = self.versions()
         near: NearDuplicateCount | None = None
+        leaks: LeakReport | None = None
         note = ""
         if versions:
+            leaks = self.check_leaks()
             try:
                 near = self._near_duplicates_in_training()
             except CurationError as err:
                 note = str(err)
-        report = build_report(versions, near)
+        report = build_report(versions, near, leaks)
         report.near_duplicates_note = note
+        return report
+
+    def check_leaks(self) -> LeakReport:
+        """Leaks between the latest version's train split and its val and test splits (see
+        :mod:`server.curation.leaks`): identical images always, near-duplicates in the curation
+        model's space when there is one. Marks each leaking sample of the training dataset with its
+        partners and saves the ``leaks`` view in the App."""
+        latest = self.store.versions.latest()
+        if latest is None:
+            return LeakReport()
+        with self.store.lock():
+            self._repair_locked()
+        samples = self.store.versions.samples(latest.id)
+        frames = {s: [EpisodeFrame(x.frame_id, x.image_sha256) for x in samples if x.split == s] for s in SPLITS}
+        try:
+            space = self.space
+        except CurationModelError as err:
+            report = find_leaks(frames)
+            report.note = f"near-duplicates not checked: {err}"
+        else:
+            by_frame = _vectors_by_frame(space, self.training)
+            raw = {split: _rows(by_frame, [x.frame_id for x in items], space.dim) for split, items in frames.items()}
+            standardise = space.standardiser(*raw.values())
+            vectors = {split: standardise(r) for split, r in raw.items()}
+            report = find_leaks(frames, vectors, self._rule(standardise.scale))
+        partners: dict[str, list[str]] = {}
+        for leak in report.leaks:
+            partners.setdefault(leak.frame_id, []).append(f"{TRAIN}:{leak.train_frame_id} ({leak.kind})")
+            partners.setdefault(leak.train_frame_id, []).append(f"{leak.split}:{leak.frame_id} ({leak.kind})")
+        show_leaks(self.training, partners)
+        logger.info("leaks in %s: %s", latest.id, report.summary())
         return report
 
     def _near_duplicates_in_training(self) -> NearDuplicateCount:
@@ -493,10 +700,7 @@ class Curation:
             self._repair_locked()
         raw = self.space.vectors(self.training)
         standardise = self.space.standardiser(raw)
-        rule = NearDuplicateRule(
-            self.config.near_duplicates.distance * standardise.scale, self.config.near_duplicates.hash_bits
-        )
-        dup = rule.duplicated_within(standardise(raw))
+        dup = self._rule(standardise.scale).duplicated_within(standardise(raw))
         return NearDuplicateCount(int(dup.sum()), len(raw.ids))
 
     # -- crash repair ----------------------------------------------------------------------------
@@ -522,7 +726,10 @@ class Curation:
                 taken = {s.frame_id for s in v.added}
                 record.status, record.decided, record.version = BatchStatus.APPROVED, v.created, v.id
                 record.approved = [f for f in record.frame_ids if f in taken]
-                record.excluded = [f for f in record.frame_ids if f not in taken and f not in record.rejected]
+                record.held_out = sorted(v.held_out)
+                record.excluded = [
+                    f for f in record.frame_ids if f not in taken and f not in record.rejected and f not in v.held_out
+                ]
                 self.store.save_batch(record)
         self._follow_versions()
         for record in self.store.batches():
@@ -541,6 +748,21 @@ class Curation:
             rows = self.inbox.select(list(copy_from.values())).values(["frame_id", *_COPIED_FIELDS])
             extras = {row[0]: dict(zip(_COPIED_FIELDS, row[1:], strict=True)) for row in zip(*rows, strict=True)}
         sync_training_dataset(self.training, self.store.versions, latest.id, extras)
+
+
+def _vectors_by_frame(space: CurationSpace, collection: fo.SampleCollection) -> dict[str, tuple[np.ndarray, int]]:
+    """Each sample's raw curation embedding and dHash by its frame id (computed where missing)."""
+    raw = space.vectors(collection)
+    frame_of = dict(zip(*collection.select(raw.ids).values(["id", FRAME_ID]), strict=True))
+    return {frame_of[sid]: (raw.raw[k], int(raw.hashes[k])) for k, sid in enumerate(raw.ids)}
+
+
+def _rows(by_frame: dict[str, tuple[np.ndarray, int]], frame_ids: Sequence[str], dim: int) -> RawVectors:
+    """The vectors of ``frame_ids`` row for row; a frame without one gets a NaN row (never a near-duplicate)."""
+    missing = (np.full(dim, np.nan, np.float32), 0)
+    got = [by_frame.get(f, missing) for f in frame_ids]
+    matrix = np.stack([g[0] for g in got]).astype(np.float32) if got else np.zeros((0, dim), np.float32)
+    return RawVectors(list(frame_ids), matrix, np.array([g[1] for g in got], dtype=np.uint64), [])
 
 
 def _empty(dim: int) -> RawVectors:

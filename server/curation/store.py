@@ -96,6 +96,10 @@ class BatchRecord(BaseModel):
     approved: list[str] = Field(default_factory=list, description="Frame ids that entered the training set.")
     rejected: list[str] = Field(default_factory=list, description="Frame ids tagged `reject`.")
     excluded: list[str] = Field(default_factory=list, description="Untagged frame ids left out (`untagged: exclude`).")
+    held_out: list[str] = Field(
+        default_factory=list,
+        description="Approved frame ids left out because their episode lies in a full split (see the version).",
+    )
 
 
 class CurationStore:

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 VERSION_INFO_KEY = "edgeloop_version"
 SPLIT_FIELD = "split"
 FRAME_ID = "frame_id"
+#: Per sample, the frames of other splits it leaks with ("test:<frame id> (near-duplicate)"), set by
+#: ``edgeloop curate check-leaks``; the saved view :data:`LEAKS_VIEW` shows both sides of every pair.
+LEAK_FIELD = "leaks"
+LEAKS_VIEW = "leaks"
 
 
 def open_training_dataset(name: str) -> fo.Dataset:
@@ -54,6 +58,7 @@ def open_training_dataset(name: str) -> fo.Dataset:
         ("device_id", fo.StringField, {}),
         ("dataset_version", fo.StringField, {}),
         (GROUND_TRUTH, fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Detections}),
+        (LEAK_FIELD, fo.ListField, {"subfield": fo.StringField}),
         *sample_fields(),
     ]
     for field, ftype, kwargs in wanted:
@@ -118,3 +123,20 @@ def sync_training_dataset(
     dataset.save()
     logger.info("training dataset %s now mirrors %s (+%d samples)", dataset.name, record.id, len(new))
     return len(new)
+
+
+def show_leaks(dataset: fo.Dataset, partners: Mapping[str, list[str]]) -> int:
+    """Write each sample's leak partners (frame id to "split:frame (kind)" strings; others cleared) and
+    save the ``leaks`` view of every sample in a pair, pairs side by side; returns how many samples."""
+    ids, frames = dataset.values(["id", FRAME_ID])
+    values = {sid: partners.get(f) or None for sid, f in zip(ids, frames, strict=True)}
+    dataset.set_values(LEAK_FIELD, values, key_field="id")
+    view = dataset.exists(LEAK_FIELD).sort_by(FRAME_ID)
+    if LEAKS_VIEW in dataset.list_saved_views():
+        dataset.delete_saved_view(LEAKS_VIEW)
+    dataset.save_view(
+        LEAKS_VIEW,
+        view,
+        description="Samples that are (or nearly are) a sample of another split: each lists its partners in `leaks`",
+    )
+    return len(view)

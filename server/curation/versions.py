@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeloop.durable import fsync_dir, write_atomic
 from edgeloop.synth.scenes import YoloLabel
+from server.curation.episodes import stream_key
 from server.curation.splits import SPLITS, TEST, TRAIN, VAL
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,16 @@ class VersionSample(_Frozen):
     device_id: str = ""
     batch: str = Field(description="The review batch it was approved in.")
     boxes: tuple[Box, ...] = ()
+    # Added after format 1's first records: left out of the chain hash while unset, so older
+    # records keep their hash (see _LATER_FIELDS).
+    episode: str = Field("", description="The episode it shares a split with (server.curation.episodes).")
+    source_id: str = Field("", description="The device's camera it came from.")
+    captured: float | None = Field(None, description="Capture time, seconds since the epoch (UTC).")
+
+    @property
+    def stream(self) -> str:
+        """Device and source: frames of one stream captured close in time are one episode."""
+        return stream_key(self.device_id, self.source_id)
 
 
 class DatasetVersion(_Frozen):
@@ -111,6 +122,17 @@ class DatasetVersion(_Frozen):
     class_counts: dict[str, dict[str, int]] = Field(description="Boxes per split and class, whole version.")
     test_frozen: bool
     labels_sha256: str
+    # Added after format 1's first records (defaults for older ones); not part of the chain hash.
+    splits_from: str = Field(
+        "",
+        description="How the added samples were split: `episodes` (the policy, by episode), `declared` (an "
+        "imported data set's own splits), `` (older records: the policy, frame by frame).",
+    )
+    held_out: dict[str, str] = Field(
+        default_factory=dict,
+        description="Approved frames left out, with why (their episode lies in a full split: in train they "
+        "would leak into its score).",
+    )
 
     @property
     def size(self) -> int:
@@ -133,9 +155,21 @@ def version_number(vid: str) -> int:
     return int(m.group(1))
 
 
+#: Sample fields added after the first records, with their unset value: hashed only when set.
+_LATER_FIELDS = {"episode": "", "source_id": "", "captured": None}
+
+
+def _canonical(sample: VersionSample) -> dict:
+    doc = sample.model_dump(mode="json")
+    for key, unset in _LATER_FIELDS.items():
+        if doc.get(key) == unset:
+            del doc[key]
+    return doc
+
+
 def chain_hash(parent_hash: str, classes: Sequence[str], added: Iterable[VersionSample]) -> str:
     """``labels_sha256`` of a version: its parent's, its classes and its added samples, canonically."""
-    items = sorted((s.model_dump(mode="json") for s in added), key=lambda d: d["frame_id"])
+    items = sorted((_canonical(s) for s in added), key=lambda d: d["frame_id"])
     canonical = json.dumps({"parent": parent_hash, "classes": list(classes), "added": items}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -177,19 +177,44 @@ def test_cli_errors_are_one_line_with_exit_status_2(curation, tmp_path):
         curation.next_batch(12)
 
 
-def test_a_labelled_data_set_seeds_the_training_set_once(curation, tmp_path):
-    """A project's first model trains from a bought-in or synthetic labelled set: import it as a version."""
+def _frame_ids(items) -> set[str]:
+    import hashlib
+
+    return {"import-" + hashlib.sha256(i.image.read_bytes()).hexdigest()[:24] for i in items}
+
+
+def _server_yaml(curation: Curation, tmp_path, uri: str):
+    path = tmp_path / "server.yaml"
+    cfg = curation.config
+    path.write_text(
+        f"data_dir: {tmp_path / 'srv'}\nmongo: {{uri: '{uri}'}}\ninbox: {{dataset: {curation.inbox_name}}}\n"
+        f"curation: {{root: {cfg.root}, training_dataset: {cfg.training_dataset}, model: {{path: {cfg.model.path}}}}}\n"
+    )
+    return path
+
+
+def test_import_keeps_a_data_sets_own_splits_frame_by_frame_and_twice_adds_nothing(curation, fiftyone_env, tmp_path):
+    """`edgeloop curate import` of a train/val/test data set: every image in the split it is declared in."""
+    from typer.testing import CliRunner
+
+    from edgeloop.cli import app
     from edgeloop.synth.scenes import write_dataset
     from edgeloop.yolo_dataset import load_yolo_dataset
 
-    data_yaml = write_dataset(tmp_path / "seed", get_scenario("shapes"), n=40, seed=9, val_fraction=0.2)
-    version = curation.import_labelled(data_yaml)
-    assert version.parent is None and len(version.added) == 40 and sum(version.counts.values()) == 40
-    assert version.counts["test"] >= 1 and version.counts["val"] >= 1  # the split policy, not the data set's
-    assert list(version.classes) == CLASSES
+    data_yaml = write_dataset(tmp_path / "seed", get_scenario("shapes"), n=40, seed=9, val_fraction=0.2,
+                              test_fraction=0.25)  # fmt: skip
+    source = load_yolo_dataset(data_yaml)
+    declared = {split: _frame_ids(items) for split, items in source.splits.items()}
+    assert {k: len(v) for k, v in declared.items()} == {"train": 22, "val": 8, "test": 10}
+    config = _server_yaml(curation, tmp_path, fiftyone_env)
+    runner = CliRunner()
+    first = runner.invoke(app, ["curate", "import", str(data_yaml), "--config", str(config), "--json"])
+    assert first.exit_code == 0, first.output
+    version = curation.version("ds-0001")
+    assert {k: set(v) for k, v in version.splits.items()} == declared  # by frame id, not only by count
+    assert version.splits_from == "declared" and list(version.classes) == CLASSES
     # the labels survive the trip: export the version and read the same boxes back (as sets per image)
     exported = load_yolo_dataset(curation.export(version.id, tmp_path / "export"))
-    source = load_yolo_dataset(data_yaml)
 
     def boxes(items):
         return sorted(
@@ -198,12 +223,49 @@ def test_a_labelled_data_set_seeds_the_training_set_once(curation, tmp_path):
             for lab in it.labels()
         )
 
-    assert boxes([i for s in exported.splits.values() for i in s]) == boxes(
-        [i for s in source.splits.values() for i in s]
-    )
-    # importing the same images again adds nothing, and writes no version
+    for split in ("train", "val", "test"):
+        assert boxes(exported.splits[split]) == boxes(source.splits[split]), split
+    # importing the same images again adds nothing and writes no version; the splits stay as declared
+    again = runner.invoke(app, ["curate", "import", str(data_yaml), "--config", str(config), "--json"])
+    assert again.exit_code == 0, again.output
+    assert [v.id for v in curation.versions()] == ["ds-0001"]
+    assert {k: set(v) for k, v in curation.version("ds-0001").splits.items()} == declared
+    assert "keeps them" in runner.invoke(app, ["curate", "import", "--help"]).output
+
+
+def test_import_refuses_splits_that_disagree_with_the_training_sets(curation, tmp_path):
+    """An image the training set holds in train, declared test elsewhere, would leak: refused, nothing written."""
+    import shutil
+
+    import yaml
+
+    from edgeloop.synth.scenes import write_dataset
+
+    data_yaml = write_dataset(tmp_path / "a", get_scenario("shapes"), n=20, seed=3, val_fraction=0.2,
+                              test_fraction=0.2)  # fmt: skip
+    curation.import_labelled(data_yaml)
+    other = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", other)
+    moved = sorted((other / "images" / "train").iterdir())[0]
+    shutil.move(moved, other / "images" / "test" / moved.name)
+    shutil.move(other / "labels" / "train" / (moved.stem + ".txt"), other / "labels" / "test" / (moved.stem + ".txt"))
+    doc = yaml.safe_load((other / "data.yaml").read_text())
+    doc["path"] = str(other)
+    (other / "data.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(CurationError, match="another split than the training set holds them"):
+        curation.import_labelled(other / "data.yaml")
+    assert [v.id for v in curation.versions()] == ["ds-0001"]
+
+
+def test_a_data_set_without_splits_is_split_by_the_policy_by_episode(curation, tmp_path):
+    """Train only (val: points at the train images, as ultralytics needs): the policy splits it."""
+    from edgeloop.synth.scenes import write_dataset
+
+    data_yaml = write_dataset(tmp_path / "seed", get_scenario("shapes"), n=60, seed=9, val_fraction=0.0)
+    version = curation.import_labelled(data_yaml)
+    assert version.splits_from == "episodes" and version.size == 60
+    assert version.counts["test"] >= 1 and version.counts["val"] >= 1 and version.counts["train"] >= 40
     assert curation.import_labelled(data_yaml).id == version.id
-    assert len(curation.versions()) == 1
 
 
 def test_the_flows_see_curation_through_the_server_provider(curation, fiftyone_env, tmp_path):
