@@ -23,7 +23,7 @@ import yaml
 from edgeloop.synth.photo_stream import write_photo_stream
 from edgeloop.synth.scenarios import get_scenario
 from edgeloop.synth.scenes import format_labels, iter_scenes, write_video
-from edgeloop.yolo_dataset import load_yolo_dataset
+from edgeloop.yolo_dataset import YoloItem, load_yolo_dataset
 from loop.oracle import CameraTruth, Oracle
 
 #: The synthetic worlds: what the first model learns, and what the cameras show.
@@ -126,6 +126,28 @@ def synthetic_world(root: Path, size: WorldSize, cameras: int = 2, seed: int = 0
     )
 
 
+def _without_twins(items: list[YoloItem], others: list[YoloItem]) -> tuple[list[YoloItem], list[YoloItem]]:
+    """``items`` split into those with no near-twin among ``others`` (dHash within the near-duplicate
+    rule's bits) and those with one."""
+    import cv2
+
+    from edge_agent.budget import dhash
+    from server.curation.config import NearDuplicateConfig
+    from server.curation.duplicates import hamming
+
+    def hashes(group: list[YoloItem]) -> np.ndarray:
+        out = []
+        for item in group:
+            image = cv2.imread(str(item.image), cv2.IMREAD_COLOR)
+            out.append(dhash(image) if image is not None else 0)
+        return np.array(out, dtype=np.uint64)
+
+    if not items or not others:
+        return list(items), []
+    near = (hamming(hashes(items), hashes(others)) <= NearDuplicateConfig().hash_bits).any(axis=1)
+    return [i for i, n in zip(items, near, strict=True) if not n], [i for i, n in zip(items, near, strict=True) if n]
+
+
 def data_world(data_yaml: Path, root: Path, size: WorldSize, cameras: int = 2, seed: int = 0) -> World:
     """World from a YOLO data set: A = a random share of its training photos, B = the rest, as camera streams.
 
@@ -138,17 +160,22 @@ def data_world(data_yaml: Path, root: Path, size: WorldSize, cameras: int = 2, s
     test = data.split("test")
     if root.exists():
         shutil.rmtree(root)
-    train = list(data.split("train"))
+    # Photo data sets hold shots of one scene seconds apart; a training photo that near-twins a test
+    # photo (dHash alone: it errs towards leaving more out) never plays, so no score is memory.
+    train, twins = _without_twins(list(data.split("train")), test)
     order = np.random.default_rng(seed).permutation(len(train))
     n_first = max(8, int(len(train) * size.first_share))
-    first_items = [train[i] for i in order[:n_first]]
     held = list(data.splits.get("val", []))
     if len(held) < MIN_HELD_OUT:  # no usable val split: hold out training photos the cameras never show
         n_held = max(MIN_HELD_OUT, n_first // 4)
-        held = [train[i] for i in order[n_first : n_first + n_held]]
-        rest = [train[i] for i in order[n_first + n_held :]]
-    else:
-        rest = [train[i] for i in order[n_first:]]
+        held = [train[i] for i in order[:n_held]]
+        order = order[n_held:]
+    # A's train keeps clear of its own val and test (the gate refuses a leaky first model).
+    pool = [train[i] for i in order]
+    clear, _ = _without_twins(pool, held)
+    first_items = clear[:n_first]
+    taken = {id(item) for item in first_items}
+    rest = [item for item in pool if id(item) not in taken]
     held = [held[i] for i in np.random.default_rng(seed + 1).permutation(len(held))]
     a_dir = root / "a"
     a_splits = {"train": first_items, "val": held[: len(held) // 2], "test": held[len(held) // 2 :]}
@@ -171,8 +198,9 @@ def data_world(data_yaml: Path, root: Path, size: WorldSize, cameras: int = 2, s
     counts = {k: len(v) for k, v in a_splits.items()}
     return World(
         description=f"{data_yaml}: world A is {counts['train']} training photos (val {counts['val']}, test "
-        f"{counts['test']} from the data set's val split), the cameras play streams of the other {len(rest)} "
-        f"training photos, every round is scored on the data set's test split ({len(test)} photos, never trained on)",
+        f"{counts['test']} held out), the cameras play streams of the other {len(rest)} training photos, every "
+        f"round is scored on the data set's test split ({len(test)} photos, never trained on; {len(twins)} training "
+        "photos left out as near-twins of them)",
         names=data.names,
         imgsz=size.imgsz,
         first_training=first,

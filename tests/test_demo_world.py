@@ -36,16 +36,23 @@ def test_a_yolo_data_set_becomes_world_a_camera_streams_and_the_frozen_test_spli
 
     first = load_yolo_dataset(world.first_training)
     assert len(first.split("train")) == 8  # max(8, 20% of 40)
-    assert len(first.split("val")) == 6
+    # A's val and test are the data set's val split halved: the set's own test split is only scored on
+    assert len(first.split("val")) == 3 and len(first.split("test")) == 3
+    val_photos = {(tmp_path / "set" / "val" / "images" / f"val-{k:03d}.jpg").resolve() for k in range(6)}
+    assert {i.image.resolve() for i in first.split("val") + first.split("test")} == val_photos
     assert all(item.image.is_symlink() for item in first.split("train"))
-    first_photos = {item.image.resolve() for item in first.split("train")}
+    first_photos = {item.image.resolve() for split in first.splits.values() for item in split}
+    test_photos = {(tmp_path / "set" / "test" / "images" / f"test-{k:03d}.jpg").resolve() for k in range(5)}
+    assert not first_photos & test_photos
 
     test = load_yolo_dataset(world.test_b).split("test")
     assert sorted(i.image.name for i in test) == [f"test-{k:03d}.jpg" for k in range(5)]
 
     assert [c.source_id for c in world.cameras] == ["cam-1", "cam-2"] and all(c.sequence for c in world.cameras)
     frames = sorted(p for c in world.cameras for p in Path(c.uri).iterdir())
-    assert len(frames) >= 32  # the 32 other photos, each a clip of one or more frames
+    # the 32 other photos, each a clip of one or more frames, less those that near-twin a test photo
+    left_out = int(world.description.split(" training photos left out")[0].rsplit(" ", 1)[1])
+    assert 0 <= left_out <= 8 and len(frames) >= 32 - left_out
     # Each camera frame is labelled by the oracle from its file name, and a clip's first frame is
     # its photo as it is: same labels as the data set's.
     originals = {p.stem: read_labels(tmp_path / "set" / "train" / "labels" / f"{p.stem}.txt")
@@ -59,7 +66,7 @@ def test_a_yolo_data_set_becomes_world_a_camera_streams_and_the_frozen_test_spli
             if frame.stem.endswith("-00"):
                 labelled_first_frames += 1
                 assert labels in list(originals.values())
-    assert labelled_first_frames == 32  # every photo not in A plays once on one camera
+    assert labelled_first_frames == 32 - left_out  # every other photo plays once on one camera
     assert not first_photos & {p.resolve() for p in frames}
 
 
