@@ -5,6 +5,7 @@ training set, and the CLI's errors. (tests/test_curation.py runs the whole path 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -295,7 +296,9 @@ def test_the_flows_see_curation_through_the_server_provider(curation, fiftyone_e
     provider = factory(str(config))
     assert isinstance(provider, FlowsCuration)
     assert provider.latest_version() is None
-    first = curation.import_labelled(write_dataset(tmp_path / "a", get_scenario("shapes"), n=20, seed=3))
+    first = curation.import_labelled(
+        write_dataset(tmp_path / "a", get_scenario("shapes"), n=20, seed=3, test_fraction=0.2)
+    )
     assert provider.latest_version() == first.id
     assert provider.unconsumed_samples(first.id, None) == 20
     assert provider.unconsumed_samples(first.id, first.id) == 0
@@ -308,3 +311,121 @@ def test_the_flows_see_curation_through_the_server_provider(curation, fiftyone_e
     name = provider.next_batch(min_new=12)
     assert name == "batch-001" and name in curation.inbox.list_saved_views()
     assert provider.next_batch(min_new=1) != name  # batch-001 is never handed out again
+
+
+def stream_records(tmp_path, scenes: int, per_scene: int, seed: int, device: str):
+    """Camera-like frames: ``per_scene`` jittered frames of each scene 0.2 s apart, scenes a minute apart."""
+    from edgeloop.synth.photo_stream import jitter
+    from edgeloop.yolo_dataset import YoloLabel
+
+    rng = np.random.default_rng(seed)
+    out, scene_of = [], {}
+    for s, (image, labels) in enumerate(iter_scenes(get_scenario("shapes"), seed, scenes)):
+        h, w = image.shape[:2]
+        yolo = [YoloLabel(lab.class_id, lab.cx, lab.cy, lab.w, lab.h) for lab in labels]
+        for k in range(per_scene):
+            frame = image if k == 0 else jitter(image, yolo, rng)[0]
+            path = tmp_path / f"{device}-{s:03d}-{k}.jpg"
+            cv2.imwrite(str(path), frame)
+            record = FrameRecord(
+                frame_id=uuid.uuid4().hex, device_id=device, capture_time=1.9e9 + 60 * s + 0.2 * k, sequence=k,
+                model_version="some-other-model", image=path.read_bytes(), media_type="image/jpeg", width=w,
+                height=h, uncertainty=float(rng.uniform(0.2, 1.0)), class_names=CLASSES, source_id="0",
+                detections=[Detection(box=lab.to_xyxy(w, h), class_id=lab.class_id,
+                                      class_name=CLASSES[lab.class_id], confidence=0.5) for lab in labels],
+            )  # fmt: skip
+            scene_of[record.frame_id] = (device, s)
+            out.append((record, path))
+    return out, scene_of
+
+
+def test_a_stream_approved_in_batches_keeps_every_episode_in_one_split(curation, inbox, tmp_path):
+    """Frames of one scene (same camera, 0.2 s apart) never land in two splits, batch after batch."""
+    from server.curation.config import SplitConfig
+
+    # high val/test shares so that this small stream exercises every split
+    curation = Curation(
+        curation.config.model_copy(update={"splits": SplitConfig(val_fraction=0.25, test_fraction=0.3)}),
+        inbox_dataset=curation.inbox_name,
+        space=curation.space,
+    )
+    scene_of = {}
+    for device, seed in (("cam-1", 31), ("cam-2", 32)):
+        (tmp_path / device).mkdir()
+        items, scenes = stream_records(tmp_path / device, 15, 6, seed, device)
+        inbox.add_records(items)
+        scene_of.update(scenes)
+    for _ in range(3):
+        name = curation.next_batch(30).batch.name
+        approve_all(curation, name)
+        curation.approve(name)
+    version = curation.latest_version()
+    split_of = {f: split for split, ids in version.splits.items() for f in ids}
+    by_scene: dict[tuple, set[str]] = {}
+    for frame, scene in scene_of.items():
+        if frame in split_of:
+            by_scene.setdefault(scene, set()).add(split_of[frame])
+    several = [s for s in by_scene if sum(1 for f, x in scene_of.items() if x == s and f in split_of) > 1]
+    assert len(several) >= 5, "too few scenes with more than one approved frame: the test would prove nothing"
+    assert all(len(splits) == 1 for splits in by_scene.values()), by_scene
+    assert {s for splits in by_scene.values() for s in splits} == {"train", "val", "test"}
+    assert curation.check_leaks().leaks == []  # and by the near-duplicate rule, none across splits
+
+
+def test_check_leaks_finds_planted_identical_and_near_duplicate_leaks_and_exits_non_zero(
+    curation, fiftyone_env, tmp_path
+):
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from edgeloop.cli import app
+    from edgeloop.synth.scenes import write_dataset
+    from server.curation.review import Approved
+
+    config = _server_yaml(curation, tmp_path, fiftyone_env)
+    runner = CliRunner()
+    data_yaml = write_dataset(tmp_path / "a", get_scenario("shapes"), n=30, seed=13, val_fraction=0.2,
+                              test_fraction=0.2)  # fmt: skip
+    curation.import_labelled(data_yaml)
+    clean = runner.invoke(app, ["curate", "check-leaks", "--config", str(config)])
+    assert clean.exit_code == 0 and "ds-0001: no leaks" in clean.output, clean.output
+    tests = sorted((tmp_path / "a" / "images" / "test").iterdir())
+
+    def twin_set(name: str, photo: Path, val_scene: int | None) -> Path:
+        """A data set whose train split is a near-twin of ``photo`` (re-encoded, a little brighter)."""
+        root = tmp_path / name
+        splits = {"train": [np.clip(cv2.imread(str(photo)).astype(np.int16) + 3, 0, 255).astype(np.uint8)]}
+        if val_scene is not None:
+            splits["val"] = [next(iter_scenes(get_scenario("shapes"), val_scene, 1))[0]]
+        for split, images in splits.items():
+            (root / "images" / split).mkdir(parents=True)
+            (root / "labels" / split).mkdir(parents=True)
+            for k, image in enumerate(images):
+                cv2.imwrite(str(root / "images" / split / f"{name}-{k}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+                shutil.copy(tmp_path / "a" / "labels" / "test" / f"{photo.stem}.txt",
+                            root / "labels" / split / f"{name}-{k}.txt")  # fmt: skip
+        doc = {"path": str(root), **{k: f"images/{k}" for k in splits}, "names": dict(enumerate(CLASSES))}
+        (root / "data.yaml").write_text(yaml.safe_dump(doc))
+        return root / "data.yaml"
+
+    # Split by the policy, a near-twin of a test photo joins that photo's episode: test, not train.
+    joined = curation.import_labelled(twin_set("b", tests[0], None))
+    assert [s.split for s in joined.added] == ["test"]
+    # Declared train by a data set's own splits, a near-twin of another test photo is a leak...
+    curation.import_labelled(twin_set("c", tests[2], 991))
+    # ...and the same bytes as another test photo under another frame id, in train: what a per-frame split of
+    # older versions could do (planted as such a version: today's episodes put identical bytes together).
+    copy = Approved("", "planted-copy", str(tests[1]), 320, 240, "", ())
+    with curation.store.lock():
+        version = curation._new_version("import:planted:old", [copy], CLASSES, declared={"planted-copy": "train"})
+        curation.store.versions.write(version)
+        curation._follow_versions()
+    leaky = runner.invoke(app, ["curate", "check-leaks", "--config", str(config)])
+    assert leaky.exit_code == 1, leaky.output
+    assert "2 of 7 test frames duplicate training frames (1 identical, 1 near-duplicates" in leaky.output
+    assert "identical of  train planted-copy" in leaky.output and "near-duplicate of  train import-" in leaky.output
+    view = curation.training.load_saved_view("leaks")
+    assert len(view) == 4 and all(s["leaks"] for s in view)  # both sides of both pairs
+    assert "leaks between splits" in " ".join(curation.report().warnings)
