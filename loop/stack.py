@@ -56,6 +56,7 @@ class StackSettings:
     app: bool
     app_port: int | None = None
     fps: float = 5.0
+    first_floor: float = 0.05
     base_checkpoint: Path = Path("../shared/models/yolov8n_coco_dequant.pt")
 
 
@@ -200,7 +201,7 @@ class Stack:
             },
             "evaluation": {"train_images": 40},
             # The demo's test split holds few of the new world's frames yet: a small margin decides.
-            "gate": {"min_improvement": 0.0, "max_class_drop": 0.25, "first_model_floor": 0.05},
+            "gate": {"min_improvement": 0.0, "max_class_drop": 0.25, "first_model_floor": s.first_floor},
             "rollout": {
                 "straight_to_stable": straight_to_stable,
                 "healthy_for_s": s.healthy_for_s,
