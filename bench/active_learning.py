@@ -7,14 +7,23 @@ Same pool, same seed model, same training budget, same labels per round, for eac
 
 * ``edgeloop``: the edge agent's own detector and triggers score every pool frame (a camera's
   frames in order, as a stream); the frames the agent would keep are the candidates, and the
-  curation batch selection (uncertainty x diversity, class balance, fair share per camera) picks
-  the round's labels from them (``server.curation.selection``);
-* ``edgeloop-no-diversity``: the same candidates, the top ones by score: what the diversity term is worth;
-* ``random``: uniform over the unlabelled pool, as a team without edgeloop would label.
+  product's batch selection, unchanged (``server.curation.selection``: episodes, calibrated score,
+  allocation by need, coverage, class balance), picks the round's labels from them;
+* baselines: ``random`` (uniform over the unlabelled stream), ``every-nth`` (every Nth frame of
+  the stream, what most teams do), ``random-dedup`` (random after removing near-duplicates of each
+  other and of the labelled set with the product's rule: what a careful team does);
+* ablations: ``edgeloop-no-diversity`` (the same candidates, top by the edge's score),
+  ``edgeloop-no-quotas`` (the selection with every frame on one camera);
+* upper bounds: ``oracle-error`` (the frames where the current model makes the most errors
+  against truth, de-duplicated) and ``oracle-world`` (knows which frames are shifted).
 
-Each round the oracle labels the chosen frames from the data set's truth, the current model is
-fine-tuned (transfer learning) on every label so far, and scored on the frozen test split
-(mAP50 and mAP50-95, ultralytics' validator on the test split).
+Each round the oracle labels the chosen frames from the data set's truth; a model is fine-tuned
+from the same start every round (the seed model; backbone frozen) on every label so far, so a
+round's mAP does not depend on the path, and scored on the frozen test split (mAP50 and
+mAP50-95, ultralytics' validator; synthetic: also per world). The summary gives, against each
+baseline, the labels edgeloop needs to reach its final mAP50-95 and the per-seed paired
+difference of the areas under the labels-mAP curves with a 95% t-interval. Settings are chosen
+on seeds 0-2 (``--first-seed 0 --seeds 3``) and reported on others (``--first-seed 3``).
 
 Pools, both reported:
 
@@ -62,8 +71,12 @@ from edgeloop.yolo_dataset import YoloDataset, load_yolo_dataset  # noqa: E402
 SHARED = ROOT.parent / "shared"
 BASE_PT = SHARED / "models" / "yolov8n_coco_dequant.pt"
 KNOWN_WORLD = "shapes"
+#: Folder beside test.yaml with one data.yaml per world (synthetic only): per-world mAP.
+WORLD_TESTS = "test-worlds"
 SHIFTS = ["shapes-night", "shapes-shifted", "shapes-crowded"]
-STRATEGIES = ["edgeloop", "edgeloop-no-diversity", "random"]
+#: The headline arms (at least 5 seeds), then the ablations and the upper bounds (fewer seeds allowed).
+HEADLINE = ["edgeloop", "random", "every-nth", "random-dedup"]
+STRATEGIES = [*HEADLINE, "edgeloop-no-diversity", "edgeloop-no-quotas", "oracle-error", "oracle-world"]
 
 
 @dataclass
@@ -81,10 +94,16 @@ class Settings:
     cameras: int = 16
     clip_frames: int = 40
     scene_length: int = 10  # a camera cuts to a new scene every this many frames (consecutive ones: near-duplicates)
+    shift_every: int = 4  # one camera in this many watches a shifted world (4: 25%; 10: the 10% a real fleet sees)
     test_per_world: int = 20
     #: None: the candidates are what the agent keeps with its default triggers. A share: the agent
     #: keeps only that top share of the pool by score (what a stricter ``triggers.min_score`` does).
     keep_share: float | None = None
+    #: Each round trains from the same start (the seed model) on every label so far, so a round's
+    #: mAP does not depend on the path the strategy took (False: warm-start from the last round).
+    same_start: bool = True
+    #: Layers frozen while fine-tuning (10: the backbone; what won in bench/training.py at small budgets).
+    freeze: int = 10
 
     @classmethod
     def quick(cls) -> Settings:
@@ -126,8 +145,8 @@ def synthetic_data(work: Path, s: Settings, seed: int) -> tuple[Pool, Pool, Path
     """Pools (camera, iid), the test set's data.yaml and the seed model's training images."""
     w, h = s.synth_size
     worlds = {name: get_scenario(name).updated(width=w, height=h) for name in [KNOWN_WORLD, *SHIFTS]}
-    # Three of four cameras watch the known world; the rest are split over the shifts.
-    plan = [KNOWN_WORLD if i % 4 else SHIFTS[(i // 4) % len(SHIFTS)] for i in range(s.cameras)]
+    # Most cameras watch the known world; one in ``shift_every`` a shifted one (the shifts in turn).
+    plan = [KNOWN_WORLD if i % s.shift_every else SHIFTS[(i // s.shift_every) % len(SHIFTS)] for i in range(s.cameras)]
     camera = []
     for cam, world in enumerate(plan):
         frames = iter_camera_frames(worlds[world], s.clip_frames, seed * 1000 + cam, s.scene_length)
@@ -147,12 +166,16 @@ def synthetic_data(work: Path, s: Settings, seed: int) -> tuple[Pool, Pool, Path
     test = work / "test"
     for world, params in worlds.items():
         for k, scene in enumerate(iter_scenes(params, 90_000 + seed * 100, s.test_per_world)):
-            _write(test, f"{world}-{k:03d}", scene.image, format_labels(scene.labels))
+            _write(test / world, f"{world}-{k:03d}", scene.image, format_labels(scene.labels))
+    # One data.yaml per world beside the whole test set: per-world mAP (run_strategy reads them).
+    for world in worlds:
+        _data_yaml(work / WORLD_TESTS / f"{world}.yaml", train=test / world / "images", test=test / world / "images",
+                   names=worlds[KNOWN_WORLD].names)  # fmt: skip
     seed_dir = work / "seed-set"
     seed_images = []
     for k, scene in enumerate(iter_scenes(worlds[KNOWN_WORLD], 70_000 + seed, s.seed_labels)):
         seed_images.append(_write(seed_dir, f"seed-{k:03d}", scene.image, format_labels(scene.labels))[0])
-    test_yaml = _data_yaml(work / "test.yaml", train=seed_dir / "images", test=test / "images",
+    test_yaml = _data_yaml(work / "test.yaml", train=seed_dir / "images", test=[test / w / "images" for w in worlds],
                            names=worlds[KNOWN_WORLD].names)  # fmt: skip
     return Pool("camera", camera, True), Pool("iid", iid, False), test_yaml, seed_images
 
@@ -178,12 +201,14 @@ def real_data(data: YoloDataset, work: Path, s: Settings, seed: int) -> tuple[Po
 
 
 def _data_yaml(
-    path: Path, *, train: Path, test: Path, names: dict[int, str] | list[str], val: Path | None = None
+    path: Path, *, train: Path, test: Path | list[Path], names: dict[int, str] | list[str], val: Path | None = None
 ) -> Path:
     import yaml
 
     names_map = names if isinstance(names, dict) else dict(enumerate(names))
-    doc = {"path": "/", "train": str(train), "val": str(val or test), "test": str(test), "names": names_map}
+    tests = [str(t) for t in test] if isinstance(test, list) else str(test)
+    doc = {"path": "/", "train": str(train), "val": str(val) if val else tests, "test": tests, "names": names_map}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -196,23 +221,28 @@ def _training_set(out: Path, images: list[Path], test_yaml: Path) -> Path:
         shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir(parents=True)
+    from edgeloop.yolo_dataset import label_path
+
     for i, img in enumerate(images):
-        label = img.parent.parent / "labels" / (img.stem + ".txt")
+        label = label_path(img)  # ultralytics' rule: both layouts (images/train/x.jpg and train/images/x.jpg)
         (out / "images" / f"{i:05d}{img.suffix}").symlink_to(img)
         if label.is_file():
             (out / "labels" / f"{i:05d}.txt").symlink_to(label)
     test = yaml.safe_load(test_yaml.read_text())
-    return _data_yaml(out / "data.yaml", train=out / "images", test=Path(test["test"]), names=test["names"])
+    tests = [Path(t) for t in test["test"]] if isinstance(test["test"], list) else Path(test["test"])
+    return _data_yaml(out / "data.yaml", train=out / "images", test=tests, names=test["names"])
 
 
 # ------------------------------------------------------------------------------------- training
 
 
-def train_round(data_yaml: Path, start: Path, out: Path, *, epochs: int, imgsz: int, seed: int) -> Path:
+def train_round(
+    data_yaml: Path, start: Path, out: Path, *, epochs: int, imgsz: int, seed: int, freeze: int = 0
+) -> Path:
     from flows.training.trainer import train
 
     result = train(data_yaml, out, base=start, epochs=epochs, imgsz=imgsz, seed=seed, val=False, patience=0,
-                   optimizer="AdamW", lr0=0.001, warmup_epochs=0)  # fmt: skip
+                   optimizer="AdamW", lr0=0.001, warmup_epochs=0, freeze=freeze)  # fmt: skip
     return result.best if result.best.is_file() else result.run_dir / "weights" / "last.pt"
 
 
@@ -237,10 +267,12 @@ class Scored:
     keep: np.ndarray
     embedding: np.ndarray
     hashes: np.ndarray
-    classes: list[str]  # main predicted class per frame ("" for none)
+    classes: list[frozenset[str]]  # the predicted classes each frame contains
     labelled_embedding: np.ndarray
     labelled_hashes: np.ndarray
     scale: float  # the model's reference q50: curation's unit of distance
+    evidence: list[dict[str, float]]  # per frame, curation's evidence kinds (server.curation.selection)
+    errors: np.ndarray  # per frame, the current model's errors against truth (misses + false positives at IoU 0.5)
 
 
 def score_pool(pool: Pool, checkpoint: Path, labelled_images: list[Path], imgsz: int, work: Path) -> Scored:
@@ -249,7 +281,7 @@ def score_pool(pool: Pool, checkpoint: Path, labelled_images: list[Path], imgsz:
     from edge_agent.detectors.onnxruntime import OnnxRuntimeDetector, OnnxRuntimeDetectorConfig
     from edge_agent.triggers import TriggersConfig, UncertaintyScorer
     from flows.training.trainer import export_onnx
-    from server.curation.selection import primary_class
+    from server.curation.selection import frame_classes, frame_evidence
     from server.registry.prepare import prepare_model
 
     raw = export_onnx(checkpoint, work / "model-raw.onnx", imgsz=imgsz)
@@ -258,7 +290,7 @@ def score_pool(pool: Pool, checkpoint: Path, labelled_images: list[Path], imgsz:
     detector = OnnxRuntimeDetector(OnnxRuntimeDetectorConfig(model=release))
     ref = detector.reference
     scorer = UncertaintyScorer(TriggersConfig.model_validate({"random": {"enabled": False}}), seed=0)
-    scores, keeps, embeddings, hashes, classes = [], [], [], [], []
+    scores, keeps, embeddings, hashes, classes, evidence, errors = [], [], [], [], [], [], []
     for i, f in enumerate(pool.frames):
         image = cv2.imread(str(f.image))
         out = detector.detect_all(image)
@@ -271,7 +303,10 @@ def score_pool(pool: Pool, checkpoint: Path, labelled_images: list[Path], imgsz:
         keeps.append(verdict.keep)
         embeddings.append(ref.project(out.embedding))
         hashes.append(dhash(image))
-        classes.append(primary_class([d.class_name for d in out.detections], [d.confidence for d in out.detections]))
+        classes.append(frame_classes(d.class_name for d in out.detections))
+        evidence.append(
+            frame_evidence(((r.trigger, r.score) for r in verdict.reasons), (d.confidence for d in out.detections))
+        )
     lab_emb, lab_hash = [], []
     for path in labelled_images:
         image = cv2.imread(str(path))
@@ -279,7 +314,7 @@ def score_pool(pool: Pool, checkpoint: Path, labelled_images: list[Path], imgsz:
         lab_hash.append(dhash(image))
     return Scored(
         np.array(scores), np.array(keeps), np.stack(embeddings), np.array(hashes, np.uint64), classes,
-        np.stack(lab_emb), np.array(lab_hash, np.uint64), ref.q50,
+        np.stack(lab_emb), np.array(lab_hash, np.uint64), ref.q50, evidence, np.array(errors, np.int64),
     )  # fmt: skip
 
 
@@ -307,7 +342,9 @@ def select_top_score(pool: Pool, labelled: set[int], k: int, rng: np.random.Gene
     return sorted(sorted(cands, key=lambda i: -scored.score[i])[:k])
 
 
-def select_edgeloop(pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, score: Callable) -> list[int]:
+def select_edgeloop(
+    pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, score: Callable, one_camera: bool = False
+) -> list[int]:
     """The product's batch selection (server.curation.selection) over what the agent kept, with the
     product's defaults (class cap, near-duplicate rule); topped up by score when it picks fewer than
     ``k`` (near-duplicates, class cap), so every strategy spends the same labels per round."""
@@ -319,11 +356,13 @@ def select_edgeloop(pool: Pool, labelled: set[int], k: int, rng: np.random.Gener
     scored = score()
     cands = _candidates(pool, labelled, scored, k)
     cfg = CurationConfig()
-    candidates = CurationPool(
+    candidates = CurationPool.from_rows(
         FrameSet(scored.embedding[cands], scored.hashes[cands]),
-        scored.score[cands],
-        [pool.frames[i].camera for i in cands],
+        [scored.evidence[i] for i in cands],
+        ["fleet" if one_camera else pool.frames[i].camera for i in cands],
         [scored.classes[i] for i in cands],
+        # A camera's frames are 0.1 s apart (score_pool's clock): episodes as the server sees them.
+        np.array([pool.frames[i].order * 0.1 for i in cands]) if pool.stream else None,
     )
     done = sorted(labelled)
     training = FrameSet(
@@ -331,7 +370,11 @@ def select_edgeloop(pool: Pool, labelled: set[int], k: int, rng: np.random.Gener
         np.concatenate([scored.labelled_hashes, scored.hashes[done]]),
     )
     rule = NearDuplicateRule(cfg.near_duplicates.distance * scored.scale, cfg.near_duplicates.hash_bits)
-    params = SelectionParams(size=k, class_cap=cfg.class_cap, rule=rule, scale=scored.scale)
+    params = SelectionParams(
+        size=k, class_cap=cfg.class_cap, rule=rule, scale=scored.scale, device_share_cap=cfg.device_share_cap,
+        candidates=cfg.candidates_per_slot, episode_gap_s=cfg.splits.episode_gap_s,
+        rare_class_bonus=cfg.rare_class_bonus,
+    )  # fmt: skip
     picked = [cands[i] for i in select_batch(candidates, {"training set": training}, params).picked]
     if len(picked) < k:
         rest = sorted((i for i in cands if i not in set(picked)), key=lambda i: -scored.score[i])
@@ -339,10 +382,120 @@ def select_edgeloop(pool: Pool, labelled: set[int], k: int, rng: np.random.Gener
     return sorted(picked)
 
 
+def detection_errors(detections, label_file: Path, width: int, height: int, iou: float = 0.5) -> int:
+    """Misses plus false positives of ``detections`` against a YOLO label file (same class, IoU >= ``iou``)."""
+    from edgeloop.yolo_dataset import read_labels
+
+    truth = [(lab.class_id, lab.xyxy(width, height)) for lab in read_labels(label_file)] if label_file.is_file() else []
+    used: set[int] = set()
+    matched = 0
+    for d in sorted(detections, key=lambda d: -d.confidence):
+        best, best_iou = -1, iou
+        for j, (cls, box) in enumerate(truth):
+            if j in used or cls != d.class_id:
+                continue
+            o = _iou(d.box, box)
+            if o >= best_iou:
+                best, best_iou = j, o
+        if best >= 0:
+            used.add(best)
+            matched += 1
+    return (len(truth) - matched) + (len(detections) - matched)
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _free(pool: Pool, labelled: set[int]) -> list[int]:
+    return [i for i in range(len(pool.frames)) if i not in labelled]
+
+
+def select_every_nth(pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, _: Callable) -> list[int]:
+    """What most teams do: every Nth frame of the unlabelled stream (a random phase), N = free / k."""
+    free = _free(pool, labelled)
+    if len(free) <= k:
+        return free
+    step = len(free) / k
+    start = rng.uniform(0, step)
+    return sorted({free[int(start + j * step)] for j in range(k)})
+
+
+def _dedup_order(order: list[int], scored: Scored, done: list[int]) -> list[int]:
+    """``order`` without near-duplicates (the product's rule) of earlier frames in it or of ``done``."""
+    from server.curation.config import CurationConfig
+    from server.curation.duplicates import FrameSet, NearDuplicateRule
+
+    cfg = CurationConfig().near_duplicates
+    rule = NearDuplicateRule(cfg.distance * scored.scale, cfg.hash_bits)
+    seen = FrameSet(
+        np.concatenate([scored.labelled_embedding, scored.embedding[done]]),
+        np.concatenate([scored.labelled_hashes, scored.hashes[done]]),
+    )
+    fresh = ~rule.any_in(FrameSet(scored.embedding[order], scored.hashes[order]), seen)
+    kept: list[int] = []
+    for i, ok in zip(order, fresh, strict=True):
+        if not ok:
+            continue
+        mine = FrameSet(scored.embedding[[i]], scored.hashes[[i]])
+        if kept and rule.any_in(mine, FrameSet(scored.embedding[kept], scored.hashes[kept]))[0]:
+            continue
+        kept.append(i)
+    return kept
+
+
+def select_random_dedup(pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, score: Callable) -> list[int]:
+    """What a careful team does: random frames, skipping near-duplicates of each other and of the labelled set."""
+    scored = score()
+    free = _free(pool, labelled)
+    order = [free[i] for i in rng.permutation(len(free))]
+    picked = []
+    # In chunks: the rule is O(n^2) over the whole pool, a few times the batch is enough.
+    for start in range(0, len(order), 20 * k):
+        picked += _dedup_order(order[start : start + 20 * k], scored, sorted(labelled) + picked)[: k - len(picked)]
+        if len(picked) >= k:
+            break
+    return sorted(picked)
+
+
+def select_error_oracle(pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, score: Callable) -> list[int]:
+    """Upper bound: the frames where the current model makes the most errors against truth, de-duplicated."""
+    scored = score()
+    free = _free(pool, labelled)
+    order = sorted(free, key=lambda i: (-scored.errors[i], rng.uniform()))
+    return sorted(_dedup_order(order[: 20 * k], scored, sorted(labelled))[:k])
+
+
+def select_world_oracle(pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, _: Callable) -> list[int]:
+    """Upper bound: knows which frames are of a shifted world and labels those first, at random among them."""
+    free = _free(pool, labelled)
+    shifted = [i for i in free if pool.frames[i].world not in ("", KNOWN_WORLD)]
+    rest = [i for i in free if i not in set(shifted)]
+    picked = [shifted[i] for i in rng.permutation(len(shifted))[:k]]
+    picked += [rest[i] for i in rng.permutation(len(rest))[: k - len(picked)]]
+    return sorted(picked)
+
+
+def select_edgeloop_no_quotas(
+    pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, score: Callable
+) -> list[int]:
+    """The product's selection with every frame on one camera: what allocation by need is worth."""
+    return select_edgeloop(pool, labelled, k, rng, score, one_camera=True)
+
+
 SELECTORS: dict[str, Selector] = {
     "edgeloop": select_edgeloop,
     "edgeloop-no-diversity": select_top_score,
+    "edgeloop-no-quotas": select_edgeloop_no_quotas,
     "random": select_random,
+    "every-nth": select_every_nth,
+    "random-dedup": select_random_dedup,
+    "oracle-error": select_error_oracle,
+    "oracle-world": select_world_oracle,
 }
 
 
@@ -359,6 +512,8 @@ class Run:
     map50_95: list[float] = field(default_factory=list)
     selected_worlds: list[dict[str, int]] = field(default_factory=list)
     seconds: float = 0.0
+    boxes: list[int] = field(default_factory=list)  # boxes labelled after each round (the second cost)
+    map50_95_by_world: list[dict[str, float]] = field(default_factory=list)  # synthetic: each world's test set
 
 
 def run_strategy(pool: Pool, strategy: str, seed: int, seed_model: Path, seed_images: list[Path], seed_map: tuple,
@@ -390,8 +545,13 @@ def run_strategy(pool: Pool, strategy: str, seed: int, seed_model: Path, seed_im
         for i in picked:
             worlds[pool.frames[i].world or "?"] = worlds.get(pool.frames[i].world or "?", 0) + 1
         data = _training_set(rdir / "data", seed_images + [pool.frames[i].image for i in sorted(labelled)], test_yaml)
-        model = train_round(data, model, rdir / "train", epochs=s.epochs, imgsz=s.imgsz, seed=seed)
+        start = seed_model if s.same_start else model
+        model = train_round(data, start, rdir / "train", epochs=s.epochs, imgsz=s.imgsz, seed=seed, freeze=s.freeze)
         m50, m = evaluate(model, data, s.imgsz)
+        run.map50_95_by_world.append(
+            {p.stem: evaluate(model, p, s.imgsz)[1] for p in sorted((test_yaml.parent / WORLD_TESTS).glob("*.yaml"))}
+        )
+        run.boxes.append(sum(_boxes(pool.frames[i].labels) for i in labelled))
         run.labels.append(len(seed_images) + len(labelled))
         run.map50.append(m50)
         run.map50_95.append(m)
@@ -400,6 +560,10 @@ def run_strategy(pool: Pool, strategy: str, seed: int, seed_model: Path, seed_im
               f"(picked {worlds})", file=sys.stderr, flush=True)  # fmt: skip
     run.seconds = time.monotonic() - t0
     return run
+
+
+def _boxes(label_file: Path) -> int:
+    return sum(1 for line in label_file.read_text().splitlines() if line.strip()) if label_file.is_file() else 0
 
 
 def labels_to_reach(target: float, labels: list[int], maps: list[float]) -> float | None:
@@ -412,13 +576,32 @@ def labels_to_reach(target: float, labels: list[int], maps: list[float]) -> floa
     return None
 
 
+#: Two-sided 95% Student-t quantiles by number of seeds (df = n - 1): no scipy needed.
+_T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+
+
+def curve_area(labels: list[int], maps: list[float]) -> float:
+    """Area under the labels-mAP curve over its label range, divided by the range: the mean mAP50-95."""
+    x, y = np.asarray(labels, float), np.asarray(maps, float)
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0])) if x[-1] > x[0] else float(y[-1])
+
+
+def paired_interval(diffs: list[float]) -> dict:
+    """Mean of per-seed differences with its 95% t-interval (None for fewer than two seeds)."""
+    d = np.asarray(diffs, float)
+    if len(d) < 2:
+        return {"mean": float(d.mean()) if len(d) else None, "low": None, "high": None, "seeds": len(d)}
+    half = _T95.get(len(d), 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+    return {"mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half), "seeds": len(d)}
+
+
 def summarise(runs: list[Run]) -> dict:
     out: dict = {}
     for pool in sorted({r.pool for r in runs}):
         by = {st: [r for r in runs if r.pool == pool and r.strategy == st] for st in STRATEGIES}
         mean = {st: np.mean([r.map50_95 for r in rs], axis=0).tolist() for st, rs in by.items() if rs}
         labels = next(rs for rs in by.values() if rs)[0].labels
-        entry = {"labels": labels, "mean_map50_95": mean}
+        entry: dict = {"labels": labels, "mean_map50_95": mean}
         if "random" in mean and "edgeloop" in mean:
             target = mean["random"][-1]
             need = labels_to_reach(target, labels, mean["edgeloop"])
@@ -430,6 +613,34 @@ def summarise(runs: list[Run]) -> dict:
             entry["edgeloop_share_of_random_added_labels"] = (
                 None if need is None else max(0.0, need - labels[0]) / added if added else None
             )
+        if "edgeloop" in mean:
+            ours = {r.seed: r for r in by["edgeloop"]}
+            entry["versus"] = {}
+            for st, rs in by.items():
+                if st == "edgeloop" or not rs:
+                    continue
+                reach = labels_to_reach(mean[st][-1], labels, mean["edgeloop"])
+                diffs = [
+                    curve_area(ours[r.seed].labels, ours[r.seed].map50_95) - curve_area(r.labels, r.map50_95)
+                    for r in rs
+                    if r.seed in ours
+                ]
+                entry["versus"][st] = {
+                    "final_map50_95": mean[st][-1],
+                    "edgeloop_labels_to_reach_it": reach,
+                    "edgeloop_share_of_its_labels": None if reach is None else reach / labels[-1],
+                    "area_difference": paired_interval(diffs),
+                }
+        worlds = {
+            st: {
+                w: np.mean([[m[w] for m in r.map50_95_by_world] for r in rs], axis=0).tolist()
+                for w in rs[0].map50_95_by_world[0]
+            }
+            for st, rs in by.items()
+            if rs and rs[0].map50_95_by_world and rs[0].map50_95_by_world[0]
+        }
+        if worlds:
+            entry["mean_map50_95_by_world"] = worlds
         out[pool] = entry
     return out
 
@@ -508,8 +719,17 @@ def main() -> None:
         type=float,
         help="The agent keeps only this top share of the pool by score (default: its triggers' keep).",
     )
+    parser.add_argument("--cameras", type=int, help="Synthetic: cameras in the pool (default 16).")
+    parser.add_argument("--clip-frames", type=int, help="Synthetic: frames per camera (default 40).")
+    parser.add_argument("--scene-length", type=int, help="Synthetic: frames per scene (default 10).")
+    parser.add_argument("--shift-every", type=int, help="Synthetic: one camera in this many is shifted (default 4).")
+    parser.add_argument("--warm-start", action="store_true", help="Train each round from the last one's model.")
+    parser.add_argument("--freeze", type=int, help="Layers frozen while fine-tuning (default 10: the backbone).")
     parser.add_argument("--pool", choices=["camera", "iid", "both"], default="both")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"Any of {', '.join(STRATEGIES)}.")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="Seeds run from here (0-2 choose settings; report others)."
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--workdir", type=Path, default=ROOT / ".edgeloop" / "bench-active-learning")
@@ -523,16 +743,18 @@ def main() -> None:
         return
 
     s = Settings.quick() if args.quick else Settings()
-    for name in ("seeds", "rounds", "per_round", "epochs", "imgsz", "seed_labels", "seed_epochs", "keep_share"):
+    for name in ("seeds", "rounds", "per_round", "epochs", "imgsz", "seed_labels", "seed_epochs", "keep_share",
+                 "cameras", "clip_frames", "scene_length", "shift_every", "freeze"):  # fmt: skip
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
+    s.same_start = not args.warm_start
     strategies = args.strategies.split(",")
     from edgeloop.offline import offline_environment
 
     os.environ.update(offline_environment(args.workdir / "ultralytics-state"))
     runs: list[Run] = []
     t_all = time.monotonic()
-    for seed in range(s.seeds):
+    for seed in range(args.first_seed, args.first_seed + s.seeds):
         work = args.workdir / f"{Path(args.data).stem if args.data != 'synthetic' else 'synthetic'}-seed{seed}"
         if work.exists():
             shutil.rmtree(work)

@@ -136,9 +136,10 @@ def selection_times(dim: int = 448, curated: int = 1000) -> list[tuple[int, floa
         vectors = rng.normal(0, 1, (n, dim)).astype(np.float32)
         pool = Pool(
             FrameSet(vectors, rng.integers(0, 2**63, n, dtype=np.uint64)),
-            rng.uniform(0, 1, n),
+            {"box": rng.uniform(0, 1, n), "flicker": rng.uniform(0, 1, n) * (rng.uniform(0, 1, n) < 0.2)},
             [f"cam-{i % 5}" for i in range(n)],
-            [("circle", "square", "triangle", "")[i % 4] for i in range(n)],
+            [frozenset({("circle", "square", "triangle", "")[i % 4]}) for i in range(n)],
+            np.arange(n, dtype=np.float64) * 0.2,
         )
         seen = {
             "training set": FrameSet(

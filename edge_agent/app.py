@@ -282,9 +282,11 @@ class Agent:
             stream=frame.stream,
         )
         self.metrics.inc("frames_scored")
+        self.metrics.inc_source("frames_scored", frame.source_id)
         if not verdict.keep:
             return verdict
         self.metrics.inc("frames_kept")
+        self.metrics.inc_source("frames_kept", frame.source_id)
         if self.dedup.is_duplicate(frame.source_id, frame.image, detections, frame.capture_time):
             self.metrics.inc("frames_deduplicated")
             return verdict
@@ -357,7 +359,7 @@ class Agent:
             model_version=self.model_version,
             outbox_depth=self.outbox.depth,
             outbox_bytes=self.outbox.size_bytes,
-            counters=self.metrics.snapshot(),
+            counters={**self.metrics.snapshot(), **self.metrics.source_snapshot()},
             last_error=(self.updater.last_error if self.updater else "")
             or self.outbox.full_reason
             or (self.uploader.last_error if self.uploader else ""),

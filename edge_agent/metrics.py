@@ -34,6 +34,13 @@ COUNTERS = {
 }
 
 
+#: Counters also kept per camera (source) and sent in heartbeats as ``<name>/<source>``: a camera's
+#: keep share is ``frames_kept/<source> / frames_scored/<source>``.
+PER_SOURCE = ("frames_scored", "frames_kept")
+#: Cameras counted apart, the first seen; a heartbeat holds at most 64 counters.
+MAX_SOURCES = 16
+
+
 class MetricsConfig(StrictModel):
     enabled: bool = Field(default=True, description="Serve Prometheus metrics over HTTP.")
     host: str = Field(default="127.0.0.1", description="Address to bind (loopback unless you mean otherwise).")
@@ -49,6 +56,7 @@ class AgentMetrics:
             name: Counter(f"edgeloop_agent_{name}", text, registry=self.registry) for name, text in COUNTERS.items()
         }
         self._values = dict.fromkeys(COUNTERS, 0)
+        self._per_source: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
         self.inference_seconds = Histogram(
             "edgeloop_agent_inference_seconds",
@@ -76,9 +84,25 @@ class AgentMetrics:
         with self._lock:
             self._values[name] += n
 
+    def inc_source(self, name: str, source: str, n: int = 1) -> None:
+        """Count ``name`` (one of :data:`PER_SOURCE`) for camera ``source`` too."""
+        source = source[:100]  # the server takes counter names of up to 128 characters
+        with self._lock:
+            counts = self._per_source.get(source)
+            if counts is None:
+                if len(self._per_source) >= MAX_SOURCES:
+                    return
+                counts = self._per_source[source] = dict.fromkeys(PER_SOURCE, 0)
+            counts[name] += n
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
+
+    def source_snapshot(self) -> dict[str, int]:
+        """Per-camera counters as ``<name>/<source>`` (what heartbeats carry beside :meth:`snapshot`)."""
+        with self._lock:
+            return {f"{name}/{src}": v for src, counts in self._per_source.items() for name, v in counts.items()}
 
     def frame_done(self) -> None:
         """Count one processed frame towards the FPS gauge (updated about once a second)."""

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from enum import StrEnum
 import numpy as np
 from pydantic import Field, model_validator
 
+from edge_agent.keep import AdaptiveKeep, KeepConfig, source_rng
 from edgeloop.config_base import StrictModel
 from edgeloop.domain import Detection, Reason
 from edgeloop.embedding import ReferenceStats, nearest_distance
@@ -388,6 +388,10 @@ class TriggersConfig(StrictModel):
         le=1.0,
         description="A frame is kept when a trigger fired and the combined score is at least this "
         "(random picks are kept regardless).",
+    )
+    keep: KeepConfig = Field(
+        default_factory=KeepConfig,
+        description="And when its score ranks in the top share of its camera's recent frames (edge_agent/keep.py).",
     )
 
 
@@ -831,6 +835,7 @@ class UncertaintyScorer:
         )
         self._history: dict[str, deque[_Snapshot]] = {}
         self._rngs: dict[str, np.random.Generator] = {}
+        self._keep = AdaptiveKeep(self._config.keep, seed)
 
     @property
     def config(self) -> TriggersConfig:
@@ -839,8 +844,7 @@ class UncertaintyScorer:
     def _rng(self, source_id: str) -> np.random.Generator:
         rng = self._rngs.get(source_id)
         if rng is None:
-            entropy = None if self._seed is None else [self._seed, zlib.crc32(source_id.encode())]
-            rng = self._rngs[source_id] = np.random.default_rng(entropy)
+            rng = self._rngs[source_id] = source_rng(self._seed, source_id)
         return rng
 
     def score(
@@ -912,9 +916,12 @@ class UncertaintyScorer:
 
         score = combined_score(reasons)
         evidence = any(r.trigger != Trigger.RANDOM for r in reasons)
-        keep = picked or (evidence and score >= cfg.min_score)
+        # Every frame is ranked, kept or not: the share is of what the camera sees.
+        top_share = self._keep.admit(source_id, score if evidence else 0.0)
+        keep = picked or (evidence and score >= cfg.min_score and top_share)
         return Verdict(keep=keep, score=score, reasons=reasons)
 
     def reset(self, source_id: str) -> None:
         """Forget ``source_id``'s history (the camera moved or restarted); its random stream goes on."""
         self._history.pop(source_id, None)
+        self._keep.reset(source_id)

@@ -120,6 +120,7 @@ class Loop:
         self.report: DemoReport | None = None
         self.stack: Stack | None = None
         self._totals: dict[str, int] = {}
+        self._device_totals: dict[tuple[str, str], int] = {}
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -201,15 +202,27 @@ class Loop:
 
         return evaluate_onnx(self.registry.artifact_path(version), world.test_b, "test")
 
-    def _counters(self) -> dict[str, int]:
-        """The round's share of the agents' cumulative counters (from their latest heartbeats)."""
+    def _counters(self) -> dict:
+        """The round's share of the agents' cumulative counters (from their latest heartbeats), and
+        each camera's keep share over the round (frames kept / frames scored)."""
         from server.ingest.heartbeats import read_fleet
 
         fleet = read_fleet(self.server_cfg.data_dir)
+        per_device = {
+            (dev, c): int(e.status.counters.get(c, 0))
+            for dev, e in fleet.items()
+            for c in ("frames_scored", "frames_kept")
+        }
         now = {key: sum(int(e.status.counters.get(c, 0)) for e in fleet.values()) for key, c in COUNTERS.items()}
         delta = {k: max(0, v - self._totals.get(k, 0)) for k, v in now.items()}
-        self._totals = now
-        return delta
+        step = {k: max(0, v - self._device_totals.get(k, 0)) for k, v in per_device.items()}
+        self._totals, self._device_totals = now, per_device
+        keep = {
+            dev: step[(dev, "frames_kept")] / step[(dev, "frames_scored")]
+            for dev in fleet
+            if step[(dev, "frames_scored")]
+        }
+        return {**delta, "keep_share": keep}
 
     def _edge_versions(self) -> dict[str, str]:
         from server.ingest.heartbeats import read_fleet

@@ -39,6 +39,8 @@ class RoundReport:
     bytes_uploaded: int
     flow_run_id: str
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Per camera, the share of the frames it scored this round that it kept (random picks included).
+    keep_share: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,17 +71,19 @@ class DemoReport:
             f"World: {self.world}. Curator: {self.curator}.",
             "",
             "| round | batch | labels | dataset | model | gate | edge runs | mAP50 | mAP50-95 | frames seen / kept / "
-            "uploaded | MB uploaded | seconds |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "uploaded | kept per camera | MB uploaded | seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rounds:
             edge = ", ".join(f"{dev}: {v}" for dev, v in sorted(r.edge_model_version.items())) or "-"
             gate = ("passed" if r.gate.passed else "rejected") + (f" ({r.gate.reason})" if r.gate.reason else "")
             stages = ", ".join(f"{k} {v:.0f}" for k, v in r.seconds.items())
+            kept = ", ".join(f"{cam} {share:.0%}" for cam, share in sorted(r.keep_share.items())) or "-"
             lines.append(
                 f"| {r.round} | {r.batch_size} | {r.labels_total} | {r.dataset_version or '-'} | "
                 f"{r.model_version or '-'} | {gate} | {edge} | {r.map50:.3f} | {r.map50_95:.3f} | "
-                f"{r.frames_seen} / {r.frames_kept} / {r.frames_uploaded} | {r.bytes_uploaded / 1e6:.1f} | {stages} |"
+                f"{r.frames_seen} / {r.frames_kept} / {r.frames_uploaded} | {kept} | {r.bytes_uploaded / 1e6:.1f} | "
+                f"{stages} |"
             )
         if len(self.rounds) > 1:
             first, last = self.rounds[0], self.rounds[-1]

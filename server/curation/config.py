@@ -106,8 +106,30 @@ class CurationConfig(StrictModel):
         0.4,
         gt=0,
         le=1,
-        description="Largest share of a batch whose main predicted class is the same, so batches stay balanced "
-        "(frames the model found nothing in count as one class).",
+        description="Share of a batch after which a predicted class stops earning a frame its place: a frame "
+        "whose every class already fills this share waits for frames of other classes, and is taken when none "
+        "is left (so a data set where every frame holds one dominant class still fills its batches).",
+    )
+    rare_class_bonus: float = Field(
+        0.5,
+        ge=0,
+        le=10,
+        description="How much more a frame whose rarest predicted class is the pool's rarest is worth than an "
+        "equally uncertain frame of common classes only (1 + bonus; linear in between).",
+    )
+    device_share_cap: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Largest share of a batch one camera gets while others have candidates (shares follow need: "
+        "each camera's frames among the pool's most uncertain).",
+    )
+    candidates_per_slot: float = Field(
+        3.0,
+        ge=1,
+        le=100,
+        description="Candidates per frame of a camera's share, by calibrated score: the set the batch then covers "
+        "(more: more spread, less uncertainty).",
     )
     near_duplicates: NearDuplicateConfig = Field(
         default_factory=NearDuplicateConfig, description="Which frames are skipped as near-duplicates."

@@ -37,6 +37,12 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _POPCOUNT[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.int32)
 
 
+def hamming_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between ``a[i]`` and ``b[i]`` for each ``i``: an (n,) array."""
+    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
+    return _POPCOUNT[x.view(np.uint8)].reshape(len(x), 8).sum(axis=-1, dtype=np.int32)
+
+
 def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distance between every row of ``a`` (n, d) and of ``b`` (m, d): an (n, m) array."""
     return np.sqrt(squared_distances(a, b))

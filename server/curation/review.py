@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     import fiftyone as fo
 
 BATCH_FIELD = "batch"
+#: Why the selection put a frame in its batch (its score and evidence, its camera's share, the class it
+#: covers): a curator reads it in the sample's panel.
+PICKED_BECAUSE = "picked_because"
 GROUND_TRUTH = "ground_truth"
 PREDICTIONS = "predictions"
 APPROVED_TAG = "approved"
@@ -63,6 +66,7 @@ def ensure_inbox_fields(dataset: fo.Dataset) -> None:
     schema = dataset.get_field_schema()
     wanted = [
         (BATCH_FIELD, fo.StringField, {}),
+        (PICKED_BECAUSE, fo.StringField, {}),
         (GROUND_TRUTH, fo.EmbeddedDocumentField, {"embedded_doc_type": fo.Detections}),
         *sample_fields(),
     ]
@@ -92,8 +96,9 @@ def ensure_label_schema(dataset: fo.Dataset, classes: Sequence[str]) -> None:
         dataset.activate_label_schemas(GROUND_TRUTH, prepend=True)
     # Shown on the grid beside the predictions: what a curator approves is what they see.
     active = dataset.app_config.active_fields
-    if active is not None and not active.exclude and GROUND_TRUTH not in active.paths:
-        active.paths.append(GROUND_TRUTH)
+    missing = [f for f in (GROUND_TRUTH, PICKED_BECAUSE) if active is not None and f not in active.paths]
+    if active is not None and not active.exclude and missing:
+        active.paths.extend(missing)
         dataset.save()
 
 
@@ -125,6 +130,8 @@ def show_batch(dataset: fo.Dataset, record: BatchRecord) -> None:
 
     members = dataset.select(record.sample_ids)
     dataset.set_values(BATCH_FIELD, dict.fromkeys(record.sample_ids, record.name), key_field="id")
+    if record.why:
+        dataset.set_values(PICKED_BECAUSE, dict(zip(record.sample_ids, record.why, strict=True)), key_field="id")
     todo = members.exists(GROUND_TRUTH, False)
     if len(todo):
         ids, predicted = todo.values(["id", PREDICTIONS])
@@ -193,7 +200,7 @@ def check_box(label: Any, box: Any, classes: Sequence[str]) -> tuple[Box | None,
     return Box(label=label, box=(x1, y1, x2 - x1, y2 - y1)), ""
 
 
-def _epoch_seconds(when: datetime | None) -> float | None:
+def epoch_seconds(when: datetime | None) -> float | None:
     """A capture time as FiftyOne returns it (naive UTC) in seconds since the epoch."""
     if when is None:
         return None
@@ -264,7 +271,7 @@ def decide(dataset: fo.Dataset, record: BatchRecord, classes: Sequence[str], unt
             continue
         approved.append(
             Approved(
-                sid, name, path, size[0], size[1], device or "", tuple(checked), source or "", _epoch_seconds(captured)
+                sid, name, path, size[0], size[1], device or "", tuple(checked), source or "", epoch_seconds(captured)
             )
         )
     if problems:

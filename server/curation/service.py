@@ -46,9 +46,10 @@ from server.curation.review import (
     decide,
     ensure_inbox_fields,
     ensure_label_schema,
+    epoch_seconds,
     show_batch,
 )
-from server.curation.selection import Pool, SelectionParams, primary_class, select_batch
+from server.curation.selection import Pool, SelectionParams, frame_classes, frame_evidence, select_batch
 from server.curation.splits import SPLITS, STRICTNESS, TEST, TRAIN, EpisodeSplits, assign_episodes, is_test_frozen
 from server.curation.store import BatchRecord, BatchStatus, CurationError, CurationStore, now_iso
 from server.curation.training import (
@@ -244,12 +245,16 @@ class Curation:
                 class_cap=self.config.class_cap,
                 rule=self._rule(standardise.scale),
                 scale=standardise.scale,
+                device_share_cap=self.config.device_share_cap,
+                candidates=self.config.candidates_per_slot,
+                episode_gap_s=self.config.splits.episode_gap_s,
+                rare_class_bonus=self.config.rare_class_bonus,
             )
             selection = select_batch(pool, {k: standardise(v) for k, v in curated_raw.items()}, params)
             if not selection.picked:
                 raise CurationError(
                     f"no frame to review: {len(pool)} unbatched frames in {self.inbox_name}, "
-                    f"skipped as near-duplicates: {selection.skipped} ({selection.short_reason})"
+                    f"skipped: {selection.skipped} ({selection.short_reason})"
                 )
             if selection.short_reason:
                 warnings.append(f"the batch has {len(selection.picked)} of {size} frames: {selection.short_reason}")
@@ -261,11 +266,13 @@ class Curation:
                 sample_ids=ids,
                 frame_ids=[frame_ids[i] or "" for i in ids],
                 model_version=space.model_version,
+                why=selection.why,
                 selection={
                     "pool": len(pool),
-                    "skipped_near_duplicates": selection.skipped,
+                    "skipped": selection.skipped,
                     "device_quotas": selection.quotas,
                     "class_cap": params.per_class,
+                    "cap_yielded": selection.cap_yielded,
                     "short_reason": selection.short_reason,
                 },
             )
@@ -281,13 +288,28 @@ class Curation:
         self.space.vectors(self.training)
 
     def _pool(self, view: fo.DatasetView, raw: RawVectors, frames: FrameSet) -> Pool:
-        fields = ["uncertainty", "device_id", f"{PREDICTIONS}.detections.label", f"{PREDICTIONS}.detections.confidence"]
-        uncertainty, devices, labels, confidences = view.select(raw.ids, ordered=True).values(fields)
-        return Pool(
+        # Only the fields the selection reads: a whole sample is ~10x the bytes at 10k frames.
+        fields = [
+            "device_id",
+            "source_id",
+            "capture_time",
+            "reasons",
+            f"{PREDICTIONS}.detections.label",
+            f"{PREDICTIONS}.detections.confidence",
+        ]
+        devices, sources, captured, reasons, labels, confidences = view.select(raw.ids, ordered=True).values(fields)
+        rows = [
+            frame_evidence(((r.get("trigger", ""), r.get("score", 0.0)) for r in rs or []), conf or [])
+            for rs, conf in zip(reasons, confidences, strict=True)
+        ]
+        times = np.array([np.nan if t is None else epoch_seconds(t) for t in captured], dtype=np.float64)
+        return Pool.from_rows(
             frames,
-            np.asarray([u or 0.0 for u in uncertainty], dtype=np.float64),
+            rows,
             [d or "" for d in devices],
-            [primary_class(lab or [], conf or []) for lab, conf in zip(labels, confidences, strict=True)],
+            [frame_classes(lab or []) for lab in labels],
+            times,
+            [stream_key(d or "", src or "") for d, src in zip(devices, sources, strict=True)],
         )
 
     def unbatched_count(self) -> int:

@@ -90,7 +90,10 @@ class BatchRecord(BaseModel):
     sample_ids: list[str] = Field(description="Inbox sample ids, in pick order.")
     frame_ids: list[str] = Field(description="Their frame ids, same order.")
     model_version: str = Field("", description="The curation model whose embedding space picked them.")
-    selection: dict = Field(default_factory=dict, description="Pool size, skipped near-duplicates, device quotas.")
+    selection: dict = Field(
+        default_factory=dict, description="Pool size, frames skipped and why, device quotas, the class cap."
+    )
+    why: list[str] = Field(default_factory=list, description="Why each frame was picked, in pick order.")
     decided: str | None = Field(None, description="When it was approved or rejected.")
     version: str | None = Field(None, description="The dataset version its approval recorded.")
     approved: list[str] = Field(default_factory=list, description="Frame ids that entered the training set.")

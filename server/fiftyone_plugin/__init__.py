@@ -162,7 +162,8 @@ class ApproveBatch(_CurationOperator):
             f"{name} was approved before, into {v.id}: nothing changed"
             if result.already
             else f"{name} approved into {v.id}: {len(b.approved)} frames taken, {len(b.rejected)} rejected, "
-            f"{len(b.excluded)} untagged left out; the training set has {v.size} samples"
+            f"{len(b.excluded)} untagged left out, {len(b.held_out)} held out (their episode is in a full split); "
+            f"the training set has {v.size} samples"
         )
         ctx.ops.notify(message, variant="success")
         return {
@@ -170,6 +171,7 @@ class ApproveBatch(_CurationOperator):
             "approved": len(b.approved),
             "rejected": len(b.rejected),
             "excluded": len(b.excluded),
+            "held_out": len(b.held_out),
             "already": result.already,
             "message": message,
         }

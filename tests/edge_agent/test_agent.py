@@ -587,3 +587,24 @@ def test_the_model_embedding_travels_with_each_kept_frame(tmp_path):
     finally:
         direct.close()
     assert any(np.allclose(r.embedding, emb, atol=1e-6) for r in records)
+
+
+def test_heartbeats_carry_each_cameras_keep_share_and_the_default_keeps_a_fifth(tmp_path):
+    """Two cameras, default triggers (keep share 0.2, random 1%): each keeps about a fifth of what it
+    scores, and the heartbeat says so per camera (frames_kept/<source> over frames_scored/<source>)."""
+    cfg = _config(tmp_path, triggers={})  # the defaults
+    agent = Agent(cfg, detector=ScriptedDetector())
+    images = _random_images(300, seed=4)
+    frames = [Frame(image=im, source_id=f"cam-{i % 2}", index=i // 2, capture_time=1000.0 + i / 2)
+              for i, im in enumerate(images)]  # fmt: skip
+    try:
+        agent.run(frames)
+        counters = agent.status().counters
+    finally:
+        agent.close()
+    for cam in ("cam-0", "cam-1"):
+        scored, kept = counters[f"frames_scored/{cam}"], counters[f"frames_kept/{cam}"]
+        warmup = cfg.triggers.keep.warmup  # a camera's first frames are all kept: no quantile yet
+        assert scored == 150
+        assert 0.1 < (kept - warmup) / (scored - warmup) <= cfg.triggers.keep.share + cfg.triggers.random.rate + 0.05
+    assert counters["frames_kept"] == counters["frames_kept/cam-0"] + counters["frames_kept/cam-1"]

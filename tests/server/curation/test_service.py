@@ -429,3 +429,47 @@ def test_check_leaks_finds_planted_identical_and_near_duplicate_leaks_and_exits_
     view = curation.training.load_saved_view("leaks")
     assert len(view) == 4 and all(s["leaks"] for s in view)  # both sides of both pairs
     assert "leaks between splits" in " ".join(curation.report().warnings)
+
+
+def test_a_pool_where_every_frame_holds_one_dominant_class_fills_its_batches(inbox, tmp_path, shapes_release,
+                                                                              fiftyone_env):  # fmt: skip
+    """Traffic, crowds, shelves: every frame holds the dominant class. The class cap yields instead of
+    leaving the batch short (it used to stop at 40% of 30 = 12 frames); `curate next-batch` through the CLI."""
+    import json
+
+    import fiftyone as fo
+    from typer.testing import CliRunner
+
+    from edgeloop.cli import app
+
+    rows = records(tmp_path, 90, seed=21)
+    for i, (record, _) in enumerate(rows):
+        w, h = record.width, record.height
+        # Every frame: a "circle" (the dominant class) with a confidence that varies, so frames differ in need.
+        record.detections.append(Detection(box=(2.0, 2.0, w / 4, h / 4), class_id=0, class_name="circle",
+                                           confidence=0.3 + 0.6 * ((i * 37) % 90) / 90))  # fmt: skip
+    inbox.add_records(rows)
+    config = CurationConfig(
+        root=tmp_path / "curation",
+        training_dataset=f"test-train-{uuid.uuid4().hex[:8]}",
+        model={"path": shapes_release.onnx},
+    )
+    curation = Curation(config, inbox_dataset=inbox.name)
+    try:
+        server_yaml = _server_yaml(curation, tmp_path, fiftyone_env)
+        runner = CliRunner()
+        sizes = []
+        for _ in range(2):
+            out = runner.invoke(app, ["curate", "next-batch", "--size", "30", "--config", str(server_yaml), "--json"])
+            assert out.exit_code == 0, out.output
+            batch = json.loads(out.output[out.output.index("{") :])
+            sizes.append(len(batch["sample_ids"]))
+            assert batch["selection"]["short_reason"] == "" and batch["selection"]["cap_yielded"] > 0
+        assert sizes == [30, 30], "a dominant class in every frame must not leave the batches short"
+        picked = curation.inbox.load_saved_view("batch-001")
+        labels = [{d.label for d in s.predictions.detections} for s in picked]
+        assert len(labels) == 30 and all("circle" in lab for lab in labels)
+        assert all(s.picked_because.startswith("score ") for s in picked)
+    finally:
+        if fo.dataset_exists(config.training_dataset):
+            fo.load_dataset(config.training_dataset).delete()
