@@ -17,7 +17,8 @@ Why 0.2 by default: the server picks batches of 30-50 from what the agents uploa
 the active-learning bench, keeping the top 25% by score did as well as uploading everything
 (within one SD) while the top 5% did worse than random (the top of the score is crowded scenes);
 a fifth leaves the server five frames to choose from for every one it would take from a random
-sample, at a fifth of the bandwidth. At 5 fps that is one frame a second per camera.
+sample, at a fifth of the bandwidth. At 5 fps that is one frame a second per camera. The random
+trigger's share (1% by default) comes on top: a camera keeps ``share + random.rate`` of its frames.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ class KeepConfig(StrictModel):
         description="Recent frames per camera the share is measured over (2 min at 5 fps).",
     )
     warmup: int = Field(
-        default=20,
-        ge=1,
+        default=0,
+        ge=0,
         le=100_000,
-        description="Until a camera has scored this many frames, every frame over `min_score` is kept "
-        "(no quantile yet).",
+        description="Keep every frame over `min_score` until a camera has scored this many (0: rank from the "
+        "first frame; the newest of n scores ranks uniformly, so the share holds from the start).",
     )
 
 

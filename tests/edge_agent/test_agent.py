@@ -43,6 +43,8 @@ COCO_TRAIN = SHARED / "data" / "coco8" / "images" / "train"
 needs_shared = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} missing (../shared beside the checkout)")
 
 KEEP_ALL = {"random": {"enabled": True, "rate": 1.0}}  # every frame kept: deterministic counts
+#: No random share and no keep quantile: every frame a trigger fired on is kept (the scripted scores decide).
+EVERY_SCORED_FRAME = {"random": {"enabled": False}, "keep": {"share": None}}
 
 
 def _free_port() -> int:
@@ -252,7 +254,7 @@ def _random_images(n: int, seed: int) -> list[np.ndarray]:
 def _capped_agent(tmp_path: Path, max_frames: int, **extra) -> Agent:
     """The scripted detector, no random share, an outbox capped at ``max_frames``."""
     outbox = {"path": str(tmp_path / "ob.sqlite3"), "max_frames": max_frames}
-    cfg = _config(tmp_path, triggers={"random": {"enabled": False}}, outbox=outbox, **extra)
+    cfg = _config(tmp_path, triggers=EVERY_SCORED_FRAME, outbox=outbox, **extra)
     return Agent(cfg, detector=ScriptedDetector())
 
 
@@ -280,7 +282,7 @@ def test_eviction_and_dedup_as_configured(tmp_path):
     same = [distinct[0]] * 5
     cfg2 = _config(
         tmp_path,
-        triggers={"random": {"enabled": False}},
+        triggers=EVERY_SCORED_FRAME,
         outbox={"path": str(tmp_path / "ob2.sqlite3")},
         budget={"dedup": {"enabled": True, "window_s": 60}},
     )

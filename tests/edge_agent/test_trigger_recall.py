@@ -12,7 +12,8 @@ from edge_agent.triggers import TriggersConfig
 
 pytestmark = pytest.mark.slow
 
-CONFIG = TriggersConfig.model_validate({"random": {"enabled": False}})
+# The triggers' own recall: no random share, and no keep quantile (tests/edge_agent/test_keep.py has it).
+CONFIG = TriggersConfig.model_validate({"random": {"enabled": False}, "keep": {"share": None}})
 
 
 @pytest.fixture(scope="module")

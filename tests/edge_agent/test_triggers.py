@@ -42,10 +42,11 @@ def det(
 
 
 def only(trigger: str, min_score: float = 0.0, **fields: object) -> TriggersConfig:
-    """A config with just ``trigger`` enabled (tuned by ``fields``); random off unless it is the one."""
+    """A config with just ``trigger`` enabled (tuned by ``fields``); random off unless it is the one, and no
+    keep quantile (``keep`` says what the trigger found; tests/edge_agent/test_keep.py tests the share)."""
     data: dict[str, object] = {name: {"enabled": name == trigger} for name in ALL}
     data[trigger] = {"enabled": True, **fields}
-    return TriggersConfig.model_validate({**data, "min_score": min_score})
+    return TriggersConfig.model_validate({**data, "min_score": min_score, "keep": {"share": None}})
 
 
 def feed(
