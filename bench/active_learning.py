@@ -307,6 +307,7 @@ def score_pool(pool: Pool, checkpoint: Path, labelled_images: list[Path], imgsz:
         evidence.append(
             frame_evidence(((r.trigger, r.score) for r in verdict.reasons), (d.confidence for d in out.detections))
         )
+        errors.append(detection_errors(out.detections, f.labels, image.shape[1], image.shape[0]))
     lab_emb, lab_hash = [], []
     for path in labelled_images:
         image = cv2.imread(str(path))

@@ -82,6 +82,16 @@ class RawVectors:
     hashes: np.ndarray
     unreadable: list[str]
 
+    def split(self, ids: set[str]) -> tuple[RawVectors, RawVectors]:
+        """(the rows whose id is not in ``ids``, the rows whose id is), in row order."""
+        inside = np.array([i in ids for i in self.ids], dtype=bool)
+        rows_out, rows_in = np.flatnonzero(~inside), np.flatnonzero(inside)
+
+        def take(rows: np.ndarray) -> RawVectors:
+            return RawVectors([self.ids[r] for r in rows], self.raw[rows], self.hashes[rows], [])
+
+        return take(rows_out), take(rows_in)
+
 
 @dataclass(frozen=True)
 class Standardiser:

@@ -228,16 +228,16 @@ class Curation:
         space, inbox = self.space, self.inbox
         ensure_label_schema(inbox, self.classes)
         # Embeddings first, outside the lock: computing them may take a while, and they are cached.
-        self._vectors_of(inbox)
+        # Read once (at 100k frames reading them is most of a batch's time): frames that arrive
+        # after this line wait for the next batch.
+        inbox_raw = space.vectors(inbox)
+        training_raw = space.vectors(self.training)
         with self.store.lock():
             self._repair_locked()
             batched = self.store.batched_sample_ids()
-            pool_view = inbox.exclude(list(batched)) if batched else inbox.view()
-            pool_raw = space.vectors(pool_view)
-            curated_raw = {
-                TRAINING_SET: space.vectors(self.training),
-                OTHER_BATCHES: space.vectors(inbox.select(list(batched))) if batched else _empty(space.dim),
-            }
+            pool_raw, batched_raw = inbox_raw.split(set(batched))
+            pool_view = inbox.select(pool_raw.ids)
+            curated_raw = {TRAINING_SET: training_raw, OTHER_BATCHES: batched_raw}
             standardise = space.standardiser(pool_raw, *curated_raw.values())
             pool = self._pool(pool_view, pool_raw, standardise(pool_raw))
             params = SelectionParams(
@@ -282,10 +282,6 @@ class Curation:
             show_batch(inbox, record)
         logger.info("%s: %d frames from a pool of %d (skipped %s)", record.name, len(ids), len(pool), selection.skipped)
         return BatchResult(record, len(pool), selection.skipped, warnings)
-
-    def _vectors_of(self, inbox: fo.Dataset) -> None:
-        self.space.vectors(inbox)
-        self.space.vectors(self.training)
 
     def _pool(self, view: fo.DatasetView, raw: RawVectors, frames: FrameSet) -> Pool:
         # Only the fields the selection reads: a whole sample is ~10x the bytes at 10k frames.
@@ -785,10 +781,6 @@ def _rows(by_frame: dict[str, tuple[np.ndarray, int]], frame_ids: Sequence[str],
     got = [by_frame.get(f, missing) for f in frame_ids]
     matrix = np.stack([g[0] for g in got]).astype(np.float32) if got else np.zeros((0, dim), np.float32)
     return RawVectors(list(frame_ids), matrix, np.array([g[1] for g in got], dtype=np.uint64), [])
-
-
-def _empty(dim: int) -> RawVectors:
-    return RawVectors([], np.zeros((0, dim), np.float32), np.zeros(0, np.uint64), [])
 
 
 def _boxes(labels: fo.Detections | None) -> list[tuple[str, tuple[float, ...]]]:
