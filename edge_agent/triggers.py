@@ -917,8 +917,8 @@ class UncertaintyScorer:
         score = combined_score(reasons)
         evidence = any(r.trigger != Trigger.RANDOM for r in reasons)
         # Every frame is ranked, kept or not: the share is of what the camera sees.
-        top_share = self._keep.admit(source_id, score if evidence else 0.0)
-        keep = picked or (evidence and score >= cfg.min_score and top_share)
+        top_share = self._keep.admit(source_id, score if evidence else 0.0, evidence and score >= cfg.min_score)
+        keep = picked or top_share
         return Verdict(keep=keep, score=score, reasons=reasons)
 
     def reset(self, source_id: str) -> None:

@@ -71,3 +71,17 @@ def test_the_scorer_keeps_at_most_the_share_plus_the_random_rate_on_a_stream_tha
     share = np.mean(kept[config.keep.warmup :])
     assert share <= config.keep.share + config.random.rate + 0.02
     assert share >= config.keep.share - 0.03
+
+
+def test_a_rising_score_cannot_push_the_share_over_its_budget():
+    """Every new frame scores higher than the last (a scene getting harder): each ranks first among the
+    camera's recent frames, so the quantile alone would keep them all; the budget holds the share."""
+    keep = AdaptiveKeep(KeepConfig(share=0.2, window=100, warmup=0), seed=0)
+    rising = np.linspace(0.1, 0.9, 1000)
+    decisions = [keep.admit("cam", float(s)) for s in rising]
+    assert np.mean(decisions) == pytest.approx(0.2, abs=0.01)
+    # In every window of 100 frames, at most 20 kept (plus the one that may straddle).
+    counts = np.convolve(np.asarray(decisions, float), np.ones(100), mode="valid")
+    assert counts.max() <= 21
+    # A frame that may not be kept at all (no trigger fired) is recorded and never kept.
+    assert not keep.admit("cam", 0.99, candidate=False)
