@@ -737,6 +737,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke run, not a result.")
     parser.add_argument("--markdown", action="store_true", help="Print --out's results as markdown and exit.")
     args = parser.parse_args()
+    args.workdir = args.workdir.resolve()  # the data.yaml files it writes hold absolute paths
     if args.markdown:
         result = json.loads(args.out.read_text())
         argv = [a for a in sys.argv[1:] if a != "--markdown"]

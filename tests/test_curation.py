@@ -32,7 +32,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -49,11 +48,10 @@ from edge_agent.config import AgentConfig
 from edgeloop.domain import Frame
 from edgeloop.synth.scenarios import get_scenario
 from edgeloop.synth.scenes import iter_video_frames
+from loop.browser import CHROMEDRIVER, CHROMIUM, browser, dismiss_popups, wait_text
 from tests.fixtures.server_process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 pytestmark = pytest.mark.slow
 
@@ -270,56 +268,6 @@ def test_2_first_batch_is_uncertain_diverse_balanced_and_fair(loop):
 
 
 # -- 4b. the App in a browser: the batch, its boxes, the Annotate tab on ground_truth --------
-
-
-def browser(tmp: Path):
-    """Debian's Chromium through Debian's chromedriver; Selenium Manager may not run (no downloads)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common import selenium_manager
-
-    def forbidden(*_args, **_kwargs):
-        raise AssertionError("Selenium Manager was asked for a driver or browser: it would download")
-
-    for name in ("binary_paths", "_run"):  # the look-up, and the subprocess that would download
-        assert hasattr(selenium_manager.SeleniumManager, name), f"Selenium changed: no SeleniumManager.{name}"
-        setattr(selenium_manager.SeleniumManager, name, forbidden)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1400,900",
-        f"--user-data-dir={tempfile.mkdtemp(dir=tmp)}",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-
-
-def wait_text(driver, text: str, timeout: float = 90.0) -> None:
-    from selenium.webdriver.common.by import By
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in driver.find_element(By.TAG_NAME, "body").text:
-            return
-        time.sleep(0.5)
-    raise AssertionError(
-        f"{text!r} never appeared on the page; it shows:\n{driver.find_element(By.TAG_NAME, 'body').text[:2000]}"
-    )
-
-
-def dismiss_popups(driver) -> None:
-    from selenium.webdriver.common.by import By
-
-    for button in driver.find_elements(By.XPATH, "//button[normalize-space(.)='Dismiss']"):
-        driver.execute_script("arguments[0].click()", button)
 
 
 @pytest.mark.skipif(

@@ -457,7 +457,9 @@ def _why(
     yielded: bool,
 ) -> str:
     """One line a curator reads in the App: why this frame is in the batch."""
-    evidence = f"top {max(1.0 - score, 0.0):.0%} of the pool by {kind}" if kind else "no uncertainty evidence"
+    share = max(1.0 - score, 0.0)
+    top = f"top {share:.0%}" if share >= 0.01 else "top 1%"
+    evidence = f"{top} of the pool by {kind}" if kind else "no uncertainty evidence"
     rarest = min((k for k in np.flatnonzero(holds)), key=lambda k: (in_pool[k], class_names[k]), default=None)
     covers = ""
     if rarest is not None:
