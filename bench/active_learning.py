@@ -322,14 +322,18 @@ def score_pool(pool: Pool, checkpoint: Path, labelled_images: list[Path], imgsz:
 Selector = Callable[[Pool, set[int], int, np.random.Generator, Callable[[], Scored]], list[int]]
 
 
+def _free(pool: Pool, labelled: set[int]) -> list[int]:
+    return [i for i in range(len(pool.frames)) if i not in labelled]
+
+
 def select_random(pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, _: Callable) -> list[int]:
-    free = [i for i in range(len(pool.frames)) if i not in labelled]
+    free = _free(pool, labelled)
     return sorted(rng.choice(free, size=min(k, len(free)), replace=False).tolist())
 
 
 def _candidates(pool: Pool, labelled: set[int], scored: Scored, k: int) -> list[int]:
     """What the agent would have uploaded (kept), topped up by score when that is fewer than ``k``."""
-    free = [i for i in range(len(pool.frames)) if i not in labelled]
+    free = _free(pool, labelled)
     kept = [i for i in free if scored.keep[i]]
     if len(kept) < k:
         rest = sorted((i for i in free if not scored.keep[i]), key=lambda i: -scored.score[i])
@@ -383,37 +387,13 @@ def select_edgeloop(
     return sorted(picked)
 
 
-def detection_errors(detections, label_file: Path, width: int, height: int, iou: float = 0.5) -> int:
-    """Misses plus false positives of ``detections`` against a YOLO label file (same class, IoU >= ``iou``)."""
+def detection_errors(detections, label_file: Path, width: int, height: int) -> int:
+    """Misses plus false positives of ``detections`` against a YOLO label file (edgeloop.matching, IoU 0.5)."""
+    from edgeloop.matching import error_counts
     from edgeloop.yolo_dataset import read_labels
 
     truth = [(lab.class_id, lab.xyxy(width, height)) for lab in read_labels(label_file)] if label_file.is_file() else []
-    used: set[int] = set()
-    matched = 0
-    for d in sorted(detections, key=lambda d: -d.confidence):
-        best, best_iou = -1, iou
-        for j, (cls, box) in enumerate(truth):
-            if j in used or cls != d.class_id:
-                continue
-            o = _iou(d.box, box)
-            if o >= best_iou:
-                best, best_iou = j, o
-        if best >= 0:
-            used.add(best)
-            matched += 1
-    return (len(truth) - matched) + (len(detections) - matched)
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _free(pool: Pool, labelled: set[int]) -> list[int]:
-    return [i for i in range(len(pool.frames)) if i not in labelled]
+    return sum(error_counts(detections, truth))
 
 
 def select_every_nth(pool: Pool, labelled: set[int], k: int, rng: np.random.Generator, _: Callable) -> list[int]:

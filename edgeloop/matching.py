@@ -35,10 +35,11 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def frame_errors(
+def error_counts(
     predictions: Sequence[Detection], truth: Sequence[tuple[int, Box]], iou: float = DEFAULT_IOU
-) -> set[str]:
-    """The error kinds of one frame: a subset of ``{"fp", "miss"}`` (empty: the frame is right).
+) -> tuple[int, int]:
+    """``(false positives, misses)`` of one frame: predictions no unmatched same-class truth box
+    takes at ``iou`` (greedy by descending confidence), and truth boxes no prediction took.
 
     Args:
         predictions: What the model reported at its operating point.
@@ -49,14 +50,26 @@ def frame_errors(
     same = np.array([[d.class_id == c for c, _ in truth] for d in predictions], dtype=bool).reshape(overlap.shape)
     overlap = np.where(same, overlap, 0.0)
     taken = np.zeros(len(truth), dtype=bool)
-    kinds: set[str] = set()
+    false_positives = 0
     for i in sorted(range(len(predictions)), key=lambda k: -predictions[k].confidence):
         candidates = np.where(~taken & (overlap[i] >= iou), overlap[i], -1.0)
         j = int(np.argmax(candidates)) if len(candidates) else -1
         if j >= 0 and candidates[j] >= iou:
             taken[j] = True
         else:
-            kinds.add("fp")
-    if not taken.all():
-        kinds.add("miss")
-    return kinds
+            false_positives += 1
+    return false_positives, int((~taken).sum())
+
+
+def frame_errors(
+    predictions: Sequence[Detection], truth: Sequence[tuple[int, Box]], iou: float = DEFAULT_IOU
+) -> set[str]:
+    """The error kinds of one frame: a subset of ``{"fp", "miss"}`` (empty: the frame is right).
+
+    Args:
+        predictions: What the model reported at its operating point.
+        truth: ``(class_id, xyxy box)`` of every labelled object, in the predictions' pixels.
+        iou: Overlap at which a same-class prediction matches a truth box.
+    """
+    false_positives, misses = error_counts(predictions, truth, iou)
+    return {kind for kind, n in (("fp", false_positives), ("miss", misses)) if n}

@@ -92,9 +92,13 @@ class NearDuplicateRule:
     distance: float
     hash_bits: int
 
+    def holds(self, distance: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        """The rule on distances and differing bits already measured (arrays of one shape)."""
+        return (distance < self.distance) & (bits <= self.hash_bits)
+
     def pairs(self, a: FrameSet, b: FrameSet) -> np.ndarray:
         """(len(a), len(b)) booleans: which frame of ``a`` is a near-duplicate of which of ``b``."""
-        return (distances(a.vectors, b.vectors) < self.distance) & (hamming(a.hashes, b.hashes) <= self.hash_bits)
+        return self.holds(distances(a.vectors, b.vectors), hamming(a.hashes, b.hashes))
 
     def any_in(self, a: FrameSet, b: FrameSet) -> np.ndarray:
         """(len(a),) booleans: which frames of ``a`` have a near-duplicate in ``b`` (in chunks of rows)."""

@@ -200,7 +200,6 @@ class Selection:
         picked: Pool rows, in pick order.
         why: One line per picked frame, same order: its score and the evidence behind it, its
             camera's share, the class it covers, how far it is from anything curated.
-        scores: Calibrated score of every pool row.
         skipped: Frames skipped, by why: near-duplicates by what they duplicate (the names of
             ``curated`` and :data:`IN_THIS_BATCH`), and :data:`SAME_EPISODE`.
         quotas: Frames each device was entitled to.
@@ -210,7 +209,6 @@ class Selection:
 
     picked: list[int] = field(default_factory=list)
     why: list[str] = field(default_factory=list)
-    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     skipped: dict[str, int] = field(default_factory=dict)
     quotas: dict[str, int] = field(default_factory=dict)
     cap_yielded: int = 0
@@ -224,9 +222,10 @@ def calibrated_scores(evidence: Mapping[str, np.ndarray], n: int) -> tuple[np.nd
     is 0; a frame's score is its best percentile. Percentiles make kinds on different scales
     comparable (an image-novelty distance, a flicker's noisy-OR) and make no kind saturate.
     """
+    names = sorted(evidence)
     best = np.zeros(n)
-    kind = [""] * n
-    for name in sorted(evidence):
+    which = np.full(n, -1)
+    for k, name in enumerate(names):
         x = np.nan_to_num(np.asarray(evidence[name], dtype=np.float64))
         if n == 0 or not (x > 0).any():
             continue
@@ -239,9 +238,8 @@ def calibrated_scores(evidence: Mapping[str, np.ndarray], n: int) -> tuple[np.nd
         percentile = np.where(x > 0, (sums[inverse] / counts[inverse] + 1.0) / n, 0.0)
         better = percentile > best
         best = np.where(better, percentile, best)
-        for i in np.flatnonzero(better):
-            kind[i] = name
-    return best, kind
+        which = np.where(better, k, which)
+    return best, [names[k] if k >= 0 else "" for k in which]
 
 
 def device_quotas(
@@ -305,9 +303,10 @@ def episode_representatives(
     for rows in by_stream.values():
         rows.sort(key=lambda i: times[i])
         after, before = np.asarray(rows[1:], dtype=int), np.asarray(rows[:-1], dtype=int)
-        bits = hamming_pairs(frames.hashes[after], frames.hashes[before])
-        apart = np.linalg.norm(frames.vectors[after] - frames.vectors[before], axis=1)
-        linked = (bits <= alike.hash_bits) & (apart < alike.distance)
+        linked = alike.holds(
+            np.linalg.norm(frames.vectors[after] - frames.vectors[before], axis=1),
+            hamming_pairs(frames.hashes[after], frames.hashes[before]),
+        )
         start = 0
         for j in range(1, len(rows) + 1):
             if j == len(rows) or times[rows[j]] - times[rows[start]] > gap_s or not linked[j - 1]:
@@ -331,7 +330,6 @@ def select_batch(pool: Pool, curated: dict[str, FrameSet], params: SelectionPara
     n = len(pool)
     result = Selection()
     scores, kinds = calibrated_scores(pool.evidence, n)
-    result.scores = scores
     eligible = np.ones(n, dtype=bool)
     nearest = np.full(n, np.inf)
     for name, frames in curated.items():
@@ -362,18 +360,17 @@ def select_batch(pool: Pool, curated: dict[str, FrameSet], params: SelectionPara
     worth = scores * rarity
 
     devices = np.asarray(list(pool.devices), dtype=object)
-    need: dict[str, float] = {}
-    available: dict[str, int] = {}
+    device_names, device_of = np.unique(devices, return_inverse=True) if n else (np.array([], object), np.zeros(0, int))
     rows = np.flatnonzero(eligible)
-    for i in rows:
-        available[devices[i]] = available.get(devices[i], 0) + 1
-    for i in rows[np.argsort(-worth[rows], kind="stable")][: params.size]:
-        need[devices[i]] = need.get(devices[i], 0.0) + float(worth[i])
+    top = rows[np.argsort(-worth[rows], kind="stable")][: params.size]
+    counts = np.bincount(device_of[rows], minlength=len(device_names))
+    claims = np.bincount(device_of[top], weights=worth[top], minlength=len(device_names))
+    available = {str(d): int(c) for d, c in zip(device_names, counts, strict=True) if c}
+    need = {str(d): float(w) for d, w in zip(device_names, claims, strict=True) if w}
     result.quotas = quotas = device_quotas(need, available, params.size, params.per_device)
     candidate = _candidates(devices, worth, eligible, quotas, params.candidates)
     scale = max(_spacing(pool.frames.vectors[candidate]), params.scale, 1e-9)
 
-    device_names, device_of = np.unique(devices, return_inverse=True) if n else (np.array([], object), np.zeros(0, int))
     quota = np.array([quotas.get(str(d), 0) for d in device_names], dtype=int)
     per_device = np.zeros(len(device_names), dtype=int)
     per_class = np.zeros(len(class_names), dtype=int)
@@ -412,8 +409,7 @@ def select_batch(pool: Pool, curated: dict[str, FrameSet], params: SelectionPara
         nearest = np.minimum(nearest, to_pick)
         rest = np.flatnonzero(eligible)
         if len(rest):
-            similar = hamming(hashes[rest], hashes[i : i + 1])[:, 0] <= params.rule.hash_bits
-            dup = (to_pick[rest] < params.rule.distance) & similar
+            dup = params.rule.holds(to_pick[rest], hamming(hashes[rest], hashes[i : i + 1])[:, 0])
             eligible[rest[dup]] = False
             result.skipped[IN_THIS_BATCH] += int(dup.sum())
     if len(result.picked) < params.size:
@@ -460,7 +456,7 @@ def _why(
     share = max(1.0 - score, 0.0)
     top = f"top {share:.0%}" if share >= 0.01 else "top 1%"
     evidence = f"{top} of the pool by {kind}" if kind else "no uncertainty evidence"
-    rarest = min((k for k in np.flatnonzero(holds)), key=lambda k: (in_pool[k], class_names[k]), default=None)
+    rarest = min(np.flatnonzero(holds), key=lambda k: (in_pool[k], class_names[k]), default=None)
     covers = ""
     if rarest is not None:
         name = class_names[rarest] or "no detection"

@@ -236,10 +236,9 @@ class Curation:
             self._repair_locked()
             batched = self.store.batched_sample_ids()
             pool_raw, batched_raw = inbox_raw.split(set(batched))
-            pool_view = inbox.select(pool_raw.ids)
             curated_raw = {TRAINING_SET: training_raw, OTHER_BATCHES: batched_raw}
             standardise = space.standardiser(pool_raw, *curated_raw.values())
-            pool = self._pool(pool_view, pool_raw, standardise(pool_raw))
+            pool = self._pool(inbox, pool_raw, standardise(pool_raw))
             params = SelectionParams(
                 size=size,
                 class_cap=self.config.class_cap,
@@ -259,7 +258,7 @@ class Curation:
             if selection.short_reason:
                 warnings.append(f"the batch has {len(selection.picked)} of {size} frames: {selection.short_reason}")
             ids = [pool_raw.ids[i] for i in selection.picked]
-            frame_ids = dict(zip(*pool_view.select(ids).values(["id", "frame_id"]), strict=True))
+            frame_ids = dict(zip(*inbox.select(ids).values(["id", "frame_id"]), strict=True))
             record = BatchRecord(
                 name=self.store.next_batch_name(),
                 created=now_iso(),
@@ -283,7 +282,7 @@ class Curation:
         logger.info("%s: %d frames from a pool of %d (skipped %s)", record.name, len(ids), len(pool), selection.skipped)
         return BatchResult(record, len(pool), selection.skipped, warnings)
 
-    def _pool(self, view: fo.DatasetView, raw: RawVectors, frames: FrameSet) -> Pool:
+    def _pool(self, inbox: fo.Dataset, raw: RawVectors, frames: FrameSet) -> Pool:
         # Only the fields the selection reads: a whole sample is ~10x the bytes at 10k frames.
         fields = [
             "device_id",
@@ -293,7 +292,7 @@ class Curation:
             f"{PREDICTIONS}.detections.label",
             f"{PREDICTIONS}.detections.confidence",
         ]
-        devices, sources, captured, reasons, labels, confidences = view.select(raw.ids, ordered=True).values(fields)
+        devices, sources, captured, reasons, labels, confidences = inbox.select(raw.ids, ordered=True).values(fields)
         rows = [
             frame_evidence(((r.get("trigger", ""), r.get("score", 0.0)) for r in rs or []), conf or [])
             for rs, conf in zip(reasons, confidences, strict=True)
